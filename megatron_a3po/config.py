@@ -1,0 +1,277 @@
+"""Typed run configuration: a YAML file, overridden by flags named exactly as in Megatron-LM.
+
+Each field's flag is `--` + the field name with `_` -> `-` (so `tensor_model_parallel_size` is
+`--tensor-model-parallel-size`, as in Megatron-LM's arguments.py). YAML groups fields by section
+(`parallel:`, `model:`, `training:`); flags are flat because Megatron's are.
+`validate()` runs before any process group exists and raises ConfigError naming the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the offending flag(s) and how to fix it."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str | None = None  # HF checkpoint dir (config.json, tokenizer, safetensors)
+    tiny_model: str | None = None  # "llama" | "qwen2" | "qwen3": build a tiny random model (tests, demo)
+    make_vocab_size_divisible_by: int = 128
+    bf16: bool = False
+    fp16: bool = False
+    fp8_format: str | None = None  # e4m3 | hybrid (Transformer Engine + CUDA only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise
+    recompute_granularity: str | None = None  # full | selective
+    transformer_impl: str = "auto"  # auto (TE with CUDA, local otherwise) | transformer_engine | local
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    use_distributed_optimizer: bool = False
+    seed: int = 1234
+    train_iters: int = 3
+    load: str | None = None
+    save: str | None = None
+    save_interval: int = 0
+
+
+@dataclass
+class Config:
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def sections(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _field_types(section_cls) -> dict[str, type]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _base_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _coerce(value, tp, where: str):
+    base = _base_type(tp)
+    if value is None:
+        if type(None) in typing.get_args(tp):
+            return None
+        raise ConfigError(f"{where} must not be null")
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {base.__name__}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections (parallel:, model:, training:)")
+    return data
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    cfg = Config()
+    sections = cfg.sections()
+    for section_name, values in data.items():
+        if section_name not in sections:
+            raise ConfigError(f"{source}: unknown section {section_name!r}; known: {', '.join(sections)}")
+        section = sections[section_name]
+        types = _field_types(type(section))
+        for key, value in (values or {}).items():
+            key = key.replace("-", "_")
+            if key not in types:
+                raise ConfigError(f"{source}: unknown key {section_name}.{key}; known: {', '.join(types)}")
+            setattr(section, key, _coerce(value, types[key], f"{source}: {section_name}.{key} ({flag_name(key)})"))
+    return cfg
+
+
+def add_flags(parser: argparse.ArgumentParser, cfg_cls=Config) -> None:
+    """One flag per field, Megatron-LM spelling; defaults None so only given flags override the YAML."""
+    for section in dataclasses.fields(cfg_cls):
+        group = parser.add_argument_group(section.name)
+        for name, tp in _field_types(section.type).items():
+            if _base_type(tp) is bool:
+                group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction, default=None)
+            else:
+                group.add_argument(flag_name(name), dest=name, default=None, metavar=name.upper())
+
+
+def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
+    for section in cfg.sections().values():
+        for name, tp in _field_types(type(section)).items():
+            value = getattr(args, name, None)
+            if value is not None:
+                setattr(section, name, _coerce(value, tp, flag_name(name)))
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config; flags override it")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_flags(parser)
+    args = parser.parse_args(argv)
+    cfg = from_dict(load_yaml(args.config), source=args.config) if args.config else Config()
+    return apply_flags(cfg, args), args
+
+
+def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
+    """Check everything that can be checked before process groups exist. `arch` is a models.ModelArch."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp), ("--micro-batch-size", t.micro_batch_size),
+                        ("--global-batch-size", t.global_batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {tp * pp * cp}; "
+            f"launch a multiple of {tp * pp * cp} ranks (torchrun --nproc-per-node) or shrink the parallel sizes"
+        )
+    dp = world_size // (tp * pp * cp)
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag or raise TP")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} must be divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}; choose a multiple of {t.micro_batch_size * dp}"
+        )
+    if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"--lr {t.lr} / --min-lr {t.min_lr}: need 0 <= --min-lr <= --lr")
+    if t.clip_grad < 0:
+        raise ConfigError(f"--clip-grad must be >= 0 (0 disables clipping), got {t.clip_grad}")
+    if m.bf16 and m.fp16:
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive; pass one")
+    if (m.hf_path is None) == (m.tiny_model is None):
+        raise ConfigError("give exactly one model source: --hf-path DIR (a Hugging Face checkpoint) "
+                          "or --tiny-model llama|qwen2|qwen3")
+    if m.hf_path is not None and not Path(m.hf_path, "config.json").is_file():
+        raise ConfigError(f"--hf-path {m.hf_path}: no config.json there; point it at a Hugging Face model dir")
+    if t.load is not None and not Path(t.load).exists():
+        raise ConfigError(f"--load {t.load}: path does not exist; drop --load to start fresh")
+    if t.save_interval and not t.save:
+        raise ConfigError("--save-interval needs --save DIR")
+    if m.recompute_granularity not in (None, "full", "selective"):
+        raise ConfigError(f"--recompute-granularity must be full or selective, got {m.recompute_granularity!r}")
+    if m.transformer_impl not in ("auto", "transformer_engine", "local"):
+        raise ConfigError(f"--transformer-impl must be auto, transformer_engine or local, got {m.transformer_impl!r}")
+    _validate_fp8(m)
+    if arch is not None:
+        _validate_against_arch(cfg, arch)
+
+
+def _validate_fp8(m: ModelConfig) -> None:
+    from megatron_a3po.models.builder import transformer_engine_usable
+
+    if m.fp8_format is None:
+        return
+    if m.fp8_format not in ("e4m3", "hybrid"):
+        raise ConfigError(f"--fp8-format must be e4m3 or hybrid, got {m.fp8_format!r}")
+    if m.fp8_recipe not in ("delayed", "tensorwise", "blockwise"):
+        raise ConfigError(f"--fp8-recipe must be delayed, tensorwise or blockwise, got {m.fp8_recipe!r}")
+    if not transformer_engine_usable():
+        raise ConfigError(
+            "--fp8-format needs Transformer Engine and a CUDA GPU, and this machine has neither usable; "
+            "drop --fp8-format (train in --bf16 or fp32) or run in the Docker image on GPUs"
+        )
+    if m.transformer_impl == "local":
+        raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto)")
+    if not (m.bf16 or m.fp16):
+        raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 params and activations)")
+
+
+def _validate_against_arch(cfg: Config, arch) -> None:
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if arch.num_attention_heads % tp:
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp} must divide the model's {arch.num_attention_heads} attention "
+            f"heads; use one of {_divisors(arch.num_attention_heads)}"
+        )
+    if arch.num_query_groups % tp:
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp} must divide the model's {arch.num_query_groups} query groups "
+            f"(num_key_value_heads); use one of {_divisors(arch.num_query_groups)}"
+        )
+    if arch.num_layers % pp:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {pp} must divide the model's {arch.num_layers} layers; "
+            f"use one of {_divisors(arch.num_layers)}"
+        )
+    vpp_layers = p.num_layers_per_virtual_pipeline_stage
+    if vpp_layers is not None:
+        if pp == 1:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if (arch.num_layers // pp) % vpp_layers:
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage {vpp_layers} must divide the {arch.num_layers // pp} "
+                f"layers per pipeline stage; use one of {_divisors(arch.num_layers // pp)}"
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def virtual_pipeline_size(cfg: Config, num_layers: int) -> int | None:
+    vpp_layers = cfg.parallel.num_layers_per_virtual_pipeline_stage
+    if vpp_layers is None:
+        return None
+    return num_layers // cfg.parallel.pipeline_model_parallel_size // vpp_layers

@@ -1,0 +1,152 @@
+"""The policy model as the trainer sees it: build + load, forward/backward through Megatron's schedule, step.
+
+`PolicyModel` owns the Megatron pieces (GPTModel chunks wrapped in Megatron DDP, the Megatron optimizer and
+LR scheduler) so `trainer.py` only speaks in batches, loss functions and steps.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+from megatron_a3po import platform
+from megatron_a3po.config import Config, virtual_pipeline_size
+from megatron_a3po.models import builder, hf_mapping
+from megatron_a3po.models.families import ModelArch
+
+# loss_fn(logits_shard [b, s, V/tp] fp32-able, batch dict) -> (scalar loss, metrics dict of tensors)
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
+
+
+class PolicyModel:
+    def __init__(self, cfg: Config, arch: ModelArch, *, with_optimizer: bool = True):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        self.cfg, self.arch = cfg, arch
+        p, m = cfg.parallel, cfg.model
+        self.use_te = builder.use_transformer_engine(m.transformer_impl)
+        self.dtype = params_dtype(cfg)
+        self.tconfig = builder.transformer_config(
+            arch, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+            vpp=virtual_pipeline_size(cfg, arch.num_layers), cp=p.context_parallel_size,
+            sequence_parallel=p.sequence_parallel, params_dtype=self.dtype, fp8_format=m.fp8_format,
+            fp8_recipe=m.fp8_recipe, recompute_granularity=m.recompute_granularity, use_te=self.use_te,
+        )
+        self.padded_vocab = builder.padded_vocab_size(arch.vocab_size, m.make_vocab_size_divisible_by,
+                                                      p.tensor_model_parallel_size)
+        chunks = builder.build_model_chunks(arch, self.tconfig, padded_vocab=self.padded_vocab, use_te=self.use_te)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.training.use_distributed_optimizer,
+        )
+        self.chunks = [
+            DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        from megatron.core.distributed import finalize_model_grads
+
+        # What Megatron-LM's training loop wires up: grad all-reduces after the last micro-batch,
+        # and no DP sync in between micro-batches.
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = (
+            [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+        )
+        self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.optimizer = self.scheduler = None
+        if with_optimizer:
+            self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        t = self.cfg.training
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, bf16=self.dtype == torch.bfloat16,
+            fp16=self.dtype == torch.float16, params_dtype=self.dtype,
+            use_distributed_optimizer=t.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.chunks)
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss  # fp16 loss scaling; identity otherwise
+        total = max(t.train_iters, 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if t.lr_warmup_iters else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=total, lr_decay_style="constant" if t.min_lr == t.lr
+            else "cosine", start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=total,
+            wd_incr_style="constant",
+        )
+
+    # ---- weights ----------------------------------------------------------------------------------------------
+
+    def load_hf(self, hf_path: str) -> int:
+        from megatron_a3po.models.hf_io import HFWeights
+
+        weights = HFWeights(hf_path)
+        return hf_mapping.load_into_model(self.chunks, self.arch, weights.get, self.padded_vocab,
+                                          self.tp_rank, self.tp_size)
+
+    def hf_state(self, getter=lambda p: p.detach(), dtype: torch.dtype | None = None):
+        """Collective generator of (hf_name, full tensor): weights by default, e.g. main_grad with a getter."""
+        return hf_mapping.iter_hf_tensors(self.chunks, self.arch, self.padded_vocab,
+                                          dtype=dtype or self.dtype, getter=getter)
+
+    # ---- compute ----------------------------------------------------------------------------------------------
+
+    def forward_backward(self, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False) -> list[dict]:
+        """Run all micro-batches through Megatron's schedule (1F1B / interleaved for PP>1).
+
+        Each micro-batch dict has `tokens` [b, s] (long) plus whatever loss_fn needs. loss_fn runs on the last
+        pipeline stage and returns a scalar already normalised for the *whole* batch across all DP ranks (a
+        sum divided by a global count); the schedule's 1/num_microbatches and DDP's 1/dp averaging are undone,
+        so gradients do not depend on how the batch is split into micro-batches or DP ranks.
+        Returns the metrics dicts of the last stage (empty list on other stages).
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        n = len(micro_batches)
+        seq_len = micro_batches[0]["tokens"].shape[1]
+        mbs = micro_batches[0]["tokens"].shape[0]
+        if any(mb["tokens"].shape != (mbs, seq_len) for mb in micro_batches):
+            raise ValueError("all micro-batches of one forward_backward call must share one [b, s] shape")
+        device = platform.device()
+
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            tokens = batch["tokens"].to(device)
+            position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens)
+            output = model(tokens, position_ids, None)
+            return output, partial(_loss_wrapper, loss_fn, batch, n * self.dp_size)
+
+        data = [iter(micro_batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro_batches)
+        forward_backward = get_forward_backward_func()
+        if not forward_only:
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+        return forward_backward(
+            forward_step_func=step, data_iterator=data, model=self.chunks, num_microbatches=n,
+            seq_length=seq_len, micro_batch_size=mbs, forward_only=forward_only,
+        )
+
+    def optimizer_step(self) -> dict:
+        """finalize grads (DP / embedding all-reduce happens inside the schedule), clip, Adam step, LR step."""
+        success, grad_norm, _ = self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.scheduler.step(increment=1)
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "update_successful": bool(success), "lr": self.optimizer.param_groups[0]["lr"]}
+
+
+def _loss_wrapper(loss_fn: LossFn, batch: dict, undo_averaging: int, output: torch.Tensor):
+    loss, metrics = loss_fn(output, batch)
+    # Megatron averages over micro-batches (schedule) and DP ranks (DDP); loss_fn already normalised globally.
+    return loss * undo_averaging, metrics

@@ -1,0 +1,136 @@
+"""ModelArch + run config -> TransformerConfig, layer spec and the GPTModel chunk(s) of this PP stage."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from megatron_a3po.models.families import ModelArch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.cache
+def transformer_engine_usable() -> bool:
+    """TE needs both its torch extension and a CUDA device; either missing means the local spec."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure (missing .so, ABI) means TE is unusable
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def use_transformer_engine(transformer_impl: str = "auto") -> bool:
+    if transformer_impl == "local":
+        return False
+    if transformer_impl == "transformer_engine":
+        if not transformer_engine_usable():
+            raise RuntimeError("--transformer-impl transformer_engine needs Transformer Engine and CUDA")
+        return True
+    return transformer_engine_usable()
+
+
+def layer_spec(arch: ModelArch, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+
+def transformer_config(
+    arch: ModelArch,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    cp: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    fp8_format: str | None = None,
+    fp8_recipe: str = "delayed",
+    recompute_granularity: str | None = None,
+    use_te: bool = False,
+):
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        fp8=fp8_format,
+        fp8_recipe=fp8_recipe if fp8_format else "delayed",
+        recompute_granularity=recompute_granularity,
+        recompute_method="uniform" if recompute_granularity == "full" else None,
+        recompute_num_layers=1 if recompute_granularity == "full" else None,
+        variable_seq_lengths=True,  # RL batches have a different padded length every step
+        moe_token_dispatcher_type="alltoall",  # dense models; only here because variable_seq_lengths demands it
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels need CUDA (and apex/TE); the unfused paths compute the same function.
+        bias_activation_fusion=on_gpu and use_te,
+        bias_dropout_fusion=on_gpu and use_te,
+        masked_softmax_fusion=on_gpu and use_te,
+        apply_rope_fusion=on_gpu and use_te,
+        gradient_accumulation_fusion=on_gpu and use_te,
+        persist_layer_norm=False,
+    )
+
+
+def build_model_chunks(arch: ModelArch, config, *, padded_vocab: int, use_te: bool) -> list:
+    """The GPTModel chunk(s) this rank holds: one per virtual pipeline stage (one if no VPP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    spec = layer_spec(arch, use_te)
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,  # keep logits vocab-parallel; logprobs.py reduces across TP
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            vp_stage=stage,
+        )
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        chunks.append(model.to(device))
+    return chunks
