@@ -140,9 +140,9 @@ def from_dict(data: dict, source: str = "config") -> Config:
 
 def add_flags(parser: argparse.ArgumentParser, cfg_cls=Config) -> None:
     """One flag per field, Megatron-LM spelling; defaults None so only given flags override the YAML."""
-    for section in dataclasses.fields(cfg_cls):
-        group = parser.add_argument_group(section.name)
-        for name, tp in _field_types(section.type).items():
+    for section_name, section_cls in typing.get_type_hints(cfg_cls).items():
+        group = parser.add_argument_group(section_name)
+        for name, tp in _field_types(section_cls).items():
             if _base_type(tp) is bool:
                 group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction, default=None)
             else:

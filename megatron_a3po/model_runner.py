@@ -139,11 +139,12 @@ class PolicyModel:
 
     def optimizer_step(self) -> dict:
         """finalize grads (DP / embedding all-reduce happens inside the schedule), clip, Adam step, LR step."""
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         success, grad_norm, _ = self.optimizer.step()
         self.optimizer.zero_grad()
         self.scheduler.step(increment=1)
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "update_successful": bool(success), "lr": self.optimizer.param_groups[0]["lr"]}
+                "update_successful": bool(success), "lr": lr}
 
 
 def _loss_wrapper(loss_fn: LossFn, batch: dict, undo_averaging: int, output: torch.Tensor):

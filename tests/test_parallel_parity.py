@@ -30,7 +30,7 @@ def _hf_reference(hf_dir):
     return loss.item(), grads
 
 
-def _megatron_loss_and_grads(hf_dir, tp, pp):
+def _megatron_loss_and_grads(hf_dir, tp, pp, vpp_layers=None):
     from megatron.core import tensor_parallel
 
     from megatron_a3po import parallel
@@ -41,8 +41,10 @@ def _megatron_loss_and_grads(hf_dir, tp, pp):
     arch, _ = load_hf_arch(hf_dir)
     cfg = Config()
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    cfg.parallel.num_layers_per_virtual_pipeline_stage = vpp_layers
     cfg.model.make_vocab_size_divisible_by = 64  # 128 rows: no vocab padding at TP<=2
-    parallel.init_model_parallel(parallel.ParallelSizes(tensor=tp, pipeline=pp), seed=0)
+    vpp = arch.num_layers // pp // vpp_layers if vpp_layers else None
+    parallel.init_model_parallel(parallel.ParallelSizes(tensor=tp, pipeline=pp, virtual_pipeline=vpp), seed=0)
     model = PolicyModel(cfg, arch, with_optimizer=False)
     model.load_hf(hf_dir)
     tokens = _batch(arch.vocab_size)
@@ -68,13 +70,15 @@ def test_tp2_and_pp2_match_tp1_and_hf(tmp_path, family):
     hf_dir = str(write_tiny_hf_checkpoint(tmp_path / family, family, seed=1))
     ref_loss, ref_grads = _hf_reference(hf_dir)
     (tp1_loss, tp1_grads), = run_in_ranks(_megatron_loss_and_grads, 1, (hf_dir, 1, 1))
-    tp2 = run_in_ranks(_megatron_loss_and_grads, 2, (hf_dir, 2, 1))
-    pp2 = run_in_ranks(_megatron_loss_and_grads, 2, (hf_dir, 1, 2))
+    layouts = {"TP=2": (hf_dir, 2, 1), "PP=2": (hf_dir, 1, 2)}
+    if family == "qwen2":  # interleaved 1F1B: 2 virtual stages of 1 layer per rank
+        layouts["PP=2 VPP=2"] = (hf_dir, 1, 2, 1)
+    runs = {label: run_in_ranks(_megatron_loss_and_grads, 2, args) for label, args in layouts.items()}
     assert tp1_loss == pytest.approx(ref_loss, abs=1e-5)
     assert sorted(tp1_grads) == sorted(ref_grads)
     for name, ref in ref_grads.items():
         torch.testing.assert_close(tp1_grads[name], ref, atol=1e-5, rtol=0, msg=lambda m: f"TP=1 vs HF {name}: {m}")
-    for label, results in (("TP=2", tp2), ("PP=2", pp2)):
+    for label, results in runs.items():
         losses = [loss for loss, _ in results if loss is not None]
         assert losses, f"{label}: no rank reported the loss"
         for loss in losses:
