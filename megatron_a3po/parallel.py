@@ -78,9 +78,20 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+_SHUTDOWN_HOOKS: list = []
+
+
+def on_destroy(hook) -> None:
+    """Run `hook()` at the start of destroy(): components with their own groups (vLLM) close while the
+    default process group still exists."""
+    _SHUTDOWN_HOOKS.append(hook)
+
+
 def destroy() -> None:
     from megatron.core import parallel_state as ps
 
+    while _SHUTDOWN_HOOKS:
+        _SHUTDOWN_HOOKS.pop()()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

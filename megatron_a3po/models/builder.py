@@ -95,6 +95,11 @@ def transformer_config(
         recompute_granularity=recompute_granularity,
         recompute_method="uniform" if recompute_granularity == "full" else None,
         recompute_num_layers=1 if recompute_granularity == "full" else None,
+        # Megatron-LM's defaults: interleaved schedules overlap p2p with compute through individual isend/irecv
+        # (one direction on the PP group, the other on WORLD when PP=2, so a send of activations can never be
+        # matched with a receive of gradients); plain 1F1B batches its p2p ops.
+        overlap_p2p_comm=vpp is not None,
+        batch_p2p_comm=vpp is None,
         variable_seq_lengths=True,  # RL batches have a different padded length every step
         moe_token_dispatcher_type="alltoall",  # dense models; only here because variable_seq_lengths demands it
         use_cpu_initialization=not on_gpu,

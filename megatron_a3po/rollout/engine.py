@@ -1,0 +1,146 @@
+"""vLLM colocated in every torchrun rank (external_launcher): generation, refit from Megatron, sleep/wake.
+
+Ranks form rollout groups of `rollout_tp` consecutive ranks (vLLM builds its TP groups that way over the
+existing torch.distributed world). Each group generates for its share of the prompts; results are
+all-gathered so every rank holds the whole batch, which is what the (DP-sharded) trainer then splits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
+
+
+class RolloutEngine:
+    def __init__(self, hf_path: str, *, rollout_tp: int = 1, max_model_len: int = 1024, seed: int = 0,
+                 dtype: str = "float32", gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: float = 1.0,
+                 load_format: str = "dummy"):
+        """`load_format="dummy"`: vLLM allocates weights without reading them; the first refit fills them
+        from the live Megatron model, so rollouts always use exactly the policy being trained."""
+        from vllm import LLM
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if rollout_tp < 1 or world % rollout_tp:
+            raise ValueError(f"--rollout-tensor-parallel-size {rollout_tp} must divide the world size {world}")
+        self.rollout_tp, self.group, self.num_groups = rollout_tp, rank // rollout_tp, world // rollout_tp
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            # vLLM's CPU backend sizes its KV cache from this variable (GiB), not gpu_memory_utilization.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+        threads = torch.get_num_threads()
+        self.llm = LLM(
+            model=hf_path, tensor_parallel_size=rollout_tp, distributed_executor_backend="external_launcher",
+            dtype=dtype, seed=seed + self.group, max_model_len=max_model_len, load_format=load_format,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=not self.on_gpu,
+            enable_sleep_mode=self.on_gpu,  # frees the KV cache (and weights) while Megatron trains
+            enable_prefix_caching=False,  # refit changes weights under cached prefixes
+        )
+        torch.set_num_threads(threads)  # vLLM's CPU worker rebinds OpenMP threads; keep the trainer's setting
+        self.sleeping = False
+        from megatron_a3po import parallel
+
+        parallel.on_destroy(self.close)
+
+    def close(self) -> None:
+        """Tear vLLM down (its process groups live inside ours) before torch.distributed is destroyed."""
+        if self.llm is not None:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            self.llm.llm_engine.engine_core.shutdown()
+            cleanup_dist_env_and_memory()
+            self.llm = None
+
+    # ---- generation -------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int, step: int = 0) -> RolloutBatch:
+        """Generate `sampling.n` responses per prompt; collective over all ranks; returns the whole batch."""
+        sampling.validate()
+        share = _split(list(range(len(prompts))), self.num_groups)[self.group]
+        params = sampling.to_vllm(seed_offset=1000 * step + self.group)
+        outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params, use_tqdm=False) \
+            if share else []
+        local = [_unpack(out, sampling.max_new_tokens) for out in outputs]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.group, share, local))
+        per_prompt: dict[int, tuple] = {}
+        for group, indices, results in gathered:
+            for i, res in zip(indices, results):
+                per_prompt[i] = res
+        ordered = [per_prompt[i] for i in range(len(prompts))]
+        return pack_rollouts(prompts, [o[0] for o in ordered], [o[1] for o in ordered], [o[2] for o in ordered],
+                             pad_id)
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """vLLM's log-prob of every token after the first, given its prefix (prompt_logprobs); local, no gather."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outs):
+            entries = out.prompt_logprobs[1:]  # the first token has no prefix
+            result.append([entry[tok].logprob for tok, entry in zip(seq[1:], entries)])
+        return result
+
+    # ---- weights ------------------------------------------------------------------------------------------------
+
+    def refit(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full HF-named tensors streamed from the live Megatron model; vLLM re-shards for its own TP and
+        re-packs CPU/GPU kernel layouts layer by layer. In memory only; never through disk."""
+        self.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc(_repack_tied_cpu_heads)
+
+    def sleep(self) -> None:
+        """CUDA: release KV cache and weights before training (level 1 keeps weights in host memory)."""
+        if self.on_gpu and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.on_gpu and self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+
+def _repack_tied_cpu_heads(worker) -> int:
+    """vLLM's CPU backend pre-packs each vocab matmul into a oneDNN handle when weights are processed. A tied
+    lm_head shares embed_tokens' weight but loads nothing itself, so vLLM's in-place reload copies the new
+    values into the shared weight and leaves the lm_head handle packed from the old ones (stale logits).
+    Re-processing those vocab layers rebuilds the handle from the current weight."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    repacked = 0
+    for module in worker.model_runner.model.modules():
+        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear") and module.weight.numel():
+            module.quant_method.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal shares (the first shares get the remainder)."""
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        out.append(items[start: start + size])
+        start += size
+    return out
+
+
+def _unpack(request_output, max_new_tokens: int) -> tuple[list, list, list]:
+    responses, logprobs, truncated = [], [], []
+    for completion in request_output.outputs:
+        ids = list(completion.token_ids)
+        responses.append(ids)
+        lps = completion.logprobs or []
+        logprobs.append([entry[tok].logprob for tok, entry in zip(ids, lps)] if lps else [0.0] * len(ids))
+        truncated.append(completion.finish_reason == "length" and len(ids) >= max_new_tokens)
+    return responses, logprobs, truncated

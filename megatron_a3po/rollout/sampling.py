@@ -1,0 +1,93 @@
+"""Sampling settings for training rollouts and for evaluation, and the batch a rollout returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: disabled
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def validate(self, prefix: str = "--rollout") -> None:
+        if self.n < 1:
+            raise ValueError(f"{prefix}-n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"{prefix}-temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{prefix}-top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"{prefix}-top-k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-response-length must be >= 1, got {self.max_new_tokens}")
+
+    def to_vllm(self, seed_offset: int = 0):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else 0,
+            max_tokens=self.max_new_tokens, stop=list(self.stop) or None, seed=self.seed + seed_offset,
+            logprobs=0,  # the sampled token's log-prob (raw model distribution), for the train/rollout mismatch
+            include_stop_str_in_output=True, skip_special_tokens=False,
+        )
+
+
+def eval_sampling(max_new_tokens: int = 256, seed: int = 0) -> SamplingConfig:
+    """The paper's evaluation sampling: temperature 0.6, top_p 0.95, n = 8 (avg@8 / pass@8)."""
+    return SamplingConfig(n=8, temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed)
+
+
+@dataclass
+class RolloutBatch:
+    """Rollouts for P prompts x n responses, rows ordered prompt-major (row = prompt * n + j).
+
+    tokens[b, :] = prompt tokens then response tokens, right-padded with `pad_id`;
+    response_mask[b, t] = 1 where tokens[b, t] is a response token; rollout_logprobs[b, t] is vLLM's log-prob
+    of tokens[b, t] at those positions (0 elsewhere); truncated[b] is True when the response hit the length cap.
+    """
+
+    tokens: torch.Tensor  # [B, T] long
+    response_mask: torch.Tensor  # [B, T] float
+    rollout_logprobs: torch.Tensor  # [B, T] float
+    truncated: torch.Tensor  # [B] bool
+    prompt_lengths: torch.Tensor  # [B] long
+    response_lengths: torch.Tensor  # [B] long
+    responses: list[list[int]]  # response token ids per row (for decoding / rewards)
+    group_size: int
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def pack_rollouts(prompts: list[list[int]], responses: list[list[list[int]]], logprobs: list[list[list[float]]],
+                  truncated: list[list[bool]], pad_id: int) -> RolloutBatch:
+    """Lay out per-prompt response lists as one right-padded batch."""
+    n = len(responses[0]) if responses else 0
+    rows = [(p, r, lp, tr) for p, rs, lps, trs in zip(prompts, responses, logprobs, truncated)
+            for r, lp, tr in zip(rs, lps, trs)]
+    width = max((len(p) + len(r) for p, r, _, _ in rows), default=1)
+    b = len(rows)
+    tokens = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, width)
+    old = torch.zeros(b, width)
+    for i, (p, r, lp, _) in enumerate(rows):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        if r:
+            tokens[i, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, len(p): len(p) + len(r)] = 1.0
+            old[i, len(p): len(p) + len(r)] = torch.tensor(lp, dtype=torch.float32)
+    return RolloutBatch(
+        tokens=tokens, response_mask=mask, rollout_logprobs=old,
+        truncated=torch.tensor([tr for _, _, _, tr in rows], dtype=torch.bool),
+        prompt_lengths=torch.tensor([len(p) for p, _, _, _ in rows], dtype=torch.long),
+        response_lengths=torch.tensor([len(r) for _, r, _, _ in rows], dtype=torch.long),
+        responses=[list(r) for _, r, _, _ in rows], group_size=n,
+    )
