@@ -2,7 +2,7 @@
 
 Each field's flag is `--` + the field name with `_` -> `-` (so `tensor_model_parallel_size` is
 `--tensor-model-parallel-size`, as in Megatron-LM's arguments.py). YAML groups fields by section
-(`parallel:`, `model:`, `training:`); flags are flat because Megatron's are.
+(`parallel:`, `model:`, `training:`, `rl:`); flags are flat because Megatron's are.
 `validate()` runs before any process group exists and raises ConfigError naming the flag and the fix.
 """
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from megatron_a3po.rl_config import RLConfig
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def sections(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

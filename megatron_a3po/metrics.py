@@ -1,0 +1,168 @@
+"""Step metrics (polarity-split), their reduction over ranks, JSONL / wandb logging, PNG plots.
+
+Statistics that live on the last pipeline stage (entropy, advantages, clip fractions) are accumulated there as
+(sum, count) pairs, gathered from every rank and merged, so they are exact over DP ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def as_metrics(self) -> dict:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def _add(stats: dict, name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    values = values.float()
+    if mask is not None:
+        values = values[mask]
+    total, count = stats.get(name, (0.0, 0.0))
+    stats[name] = (total + values.sum().item(), count + values.numel())
+
+
+def step_statistics(exp, weights, loss_outputs: list[dict]) -> dict:
+    """(sum, count) statistics of this rank's rows, split by polarity (A > 0 positive, A < 0 negative)."""
+    stats: dict = {}
+    mask = exp.response_mask
+    lengths = mask.sum(1).float()
+    _add(stats, "entropy", exp.old_entropy, mask)
+    # Train/rollout mismatch: vLLM's vs Megatron's log-probs of the same sampled tokens (same weights).
+    gap = (exp.rollout_logprobs - exp.old_logprobs).abs()
+    _add(stats, "mismatch/logp_abs_mean", gap, mask)
+    prob_err = (exp.rollout_logprobs.exp() - exp.old_logprobs.exp()).abs()[mask]
+    stats["mismatch/prob_abs_max"] = (prob_err.max().item() if prob_err.numel() else 0.0, "max")
+    for name, sign in (("pos", 1), ("neg", -1)):
+        rows = exp.polarity == sign
+        row_tokens = mask & rows[:, None]
+        stats[f"{name}/count"] = (rows.sum().item(), "sum")
+        _add(stats, f"{name}/entropy", exp.old_entropy, row_tokens)
+        _add(stats, f"{name}/length", lengths, rows)
+        stats[f"{name}/advantage_mass"] = ((exp.advantages * row_tokens).sum().item(), "sum")
+    if weights is not None:
+        shaped = (weights != 1.0) & mask
+        _add(stats, "a3po/shaped_token_fraction", shaped.float(), mask)
+    for out in loss_outputs:
+        for key, value in out.items():
+            if value.dim() == 0:
+                _add(stats, f"loss/{key}", value.reshape(1))
+    return stats
+
+
+def reduce_statistics(local: dict) -> dict:
+    """Merge every rank's (sum, count) / (value, "sum"|"max") into plain numbers."""
+    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, local)
+    merged: dict = {}
+    for stats in gathered:
+        for key, (value, count) in stats.items():
+            if count == "max":
+                merged[key] = (max(merged.get(key, (value,))[0], value), "max")
+            elif count == "sum":
+                merged[key] = (merged.get(key, (0.0,))[0] + value, "sum")
+            else:
+                total, n = merged.get(key, (0.0, 0.0))
+                merged[key] = (total + value, n + count)
+    return {k: (v if isinstance(n, str) else (v / n if n else float("nan"))) for k, (v, n) in merged.items()}
+
+
+def batch_statistics(batch, rewards: torch.Tensor, n: int) -> dict:
+    """From the whole rollout batch (identical on every rank)."""
+    lengths = batch.response_lengths.float()
+    correct = (rewards > 0).float()
+    per_prompt = correct.view(-1, n).sum(1)
+    out = {
+        "reward/mean": rewards.mean().item(), "reward/accuracy": correct.mean().item(),
+        "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
+        "response/truncated_fraction": batch.truncated.float().mean().item(),
+    }
+    for i in range(n + 1):  # how many prompts had i of n responses correct
+        out[f"buckets/{i}_of_{n}"] = (per_prompt == i).float().mean().item()
+    return out
+
+
+def update_statistics(updates: list[dict]) -> dict:
+    norms = [u["grad_norm"] for u in updates]
+    return {"train/grad_norm": sum(norms) / len(norms), "train/lr": updates[-1]["lr"],
+            "train/skipped_updates": float(sum(not u["update_successful"] for u in updates))}
+
+
+class MetricsLogger:
+    """JSONL always (rank 0), wandb when a project is given (offline unless WANDB_MODE says otherwise)."""
+
+    def __init__(self, output_dir: str, config: dict, wandb_project: str | None = None,
+                 wandb_run_name: str | None = None):
+        self.active = not dist.is_initialized() or dist.get_rank() == 0
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb = None
+        if not self.active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if wandb_project:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, config=config,
+                                    dir=str(self.path.parent))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/curves.png: reward/accuracy, validation, and entropy / length for positive vs negative."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    panels = [("reward", ["reward/mean", "reward/accuracy"]), ("validation", ["val/avg@k", "val/pass@k"]),
+              ("entropy", ["pos/entropy", "neg/entropy", "entropy"]), ("length", ["pos/length", "neg/length"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r and r[key] == r[key]]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("RL step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,171 @@
+"""Main job: `torchrun --nproc-per-node N -m megatron_a3po.train --config configs/X.yaml [Megatron/RL flags]`.
+
+Validates everything before any process group exists, builds the components (Megatron policy, colocated vLLM,
+data, reward, metrics) and hands them to RLTrainer. The last line printed is
+`validation accuracy: before 0.xx -> after 0.yy`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from megatron_a3po import config as C
+
+
+def resolve_model(cfg) -> tuple[object, dict, Path | None]:
+    """(ModelArch, HF config dict, tokenizer dir) from --load (converted Megatron checkpoint) or --hf-path."""
+    from megatron_a3po.models import families, tiny
+
+    if cfg.training.load:
+        from megatron_a3po.models.megatron_ckpt import HF_FILES_DIR, read_meta
+
+        meta = read_meta(cfg.training.load)
+        return meta.arch, meta.hf_config, Path(cfg.training.load) / HF_FILES_DIR
+    if cfg.model.hf_path:
+        arch, hf_cfg = families.load_hf_arch(cfg.model.hf_path)
+        return arch, hf_cfg, Path(cfg.model.hf_path)
+    hf_cfg = tiny.hf_config(cfg.model.tiny_model).to_dict()
+    return families.arch_from_hf_config(hf_cfg), hf_cfg, None
+
+
+def validate_all(cfg, world_size: int) -> object:
+    from megatron_a3po.rl_config import validate_rl
+
+    model_given = cfg.model.hf_path or cfg.model.tiny_model or cfg.training.load
+    if cfg.training.load and not (cfg.model.hf_path or cfg.model.tiny_model):
+        cfg.model.tiny_model = "checkpoint"  # placeholder so the model-source check passes; --load decides
+    try:
+        if not model_given:
+            raise C.ConfigError("give a model: --load MEGATRON_CKPT (from a3po-convert), --hf-path HF_DIR, "
+                                "or --tiny-model llama|qwen2|qwen3")
+        arch, _, _ = resolve_model(cfg)
+        p = cfg.parallel
+        C.validate(cfg, world_size=world_size, arch=arch)
+    finally:
+        if cfg.model.tiny_model == "checkpoint":
+            cfg.model.tiny_model = None
+    dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
+    validate_rl(cfg.rl, world_size=world_size, dp=dp, micro_batch_size=cfg.training.micro_batch_size)
+    return arch
+
+
+def vllm_model_dir(out: Path, hf_cfg: dict, tokenizer_dir: Path | None) -> Path:
+    """An HF-style dir vLLM can start from (config + tokenizer); its weights come from the first refit."""
+    from megatron_a3po.models.tiny import build_tokenizer
+
+    target = out / "vllm_model"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    if tokenizer_dir is None:
+        build_tokenizer().save_pretrained(target)
+    else:
+        for f in tokenizer_dir.iterdir():
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json":
+                shutil.copy(f, target / f.name)
+    return target
+
+
+def build_data(cfg, tokenizer):
+    from megatron_a3po.data import PromptDataset, PromptSampler
+    from megatron_a3po.rewards.synthetic import make_arithmetic_dataset
+
+    rl = cfg.rl
+    kwargs = dict(max_prompt_length=rl.max_prompt_length, raw_prompt=rl.raw_prompt)
+    if rl.dataset.startswith("synthetic:arithmetic"):
+        level = int(rl.dataset.rsplit(":", 1)[1]) if rl.dataset.count(":") == 2 else 1
+        train = PromptDataset.from_dicts(make_arithmetic_dataset(5000, level, seed=cfg.training.seed), tokenizer,
+                                         **kwargs)
+        eval_rows = make_arithmetic_dataset(rl.eval_prompts, level, seed=cfg.training.seed + 99991)
+        evaluation = PromptDataset.from_dicts(eval_rows, tokenizer, **kwargs)
+    else:
+        train = PromptDataset.from_files(rl.dataset, tokenizer, **kwargs)
+        evaluation = PromptDataset.from_files(rl.eval_dataset or rl.dataset, tokenizer, **kwargs)
+    return train, evaluation, PromptSampler(len(train), seed=cfg.training.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    try:
+        cfg, args = C.parse_args(sys.argv[1:] if argv is None else argv, description=__doc__)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        arch = validate_all(cfg, world_size)
+    except (C.ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        p = cfg.parallel
+        tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+        print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        print(f"layout: world={world_size} TP={tp} PP={pp} CP={cp} DP={world_size // (tp * pp * cp)} "
+              f"rollout TP={cfg.rl.rollout_tensor_parallel_size}; algorithm {cfg.rl.algorithm} -> {cfg.rl.resolved()}")
+        return 0
+    return run(cfg, arch)
+
+
+def run(cfg, arch) -> int:
+    from transformers import AutoTokenizer
+
+    from megatron_a3po import parallel
+    from megatron_a3po.data import check_tokenizer_fits
+    from megatron_a3po.metrics import MetricsLogger, plot_run
+    from megatron_a3po.model_runner import PolicyModel
+    from megatron_a3po.rewards import get_reward_fn
+    from megatron_a3po.rollout.engine import RolloutEngine
+    from megatron_a3po.trainer import RLTrainer
+
+    p = cfg.parallel
+    parallel.init_model_parallel(parallel.ParallelSizes(
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+        C.virtual_pipeline_size(cfg, arch.num_layers), p.context_parallel_size), seed=cfg.training.seed)
+    out = Path(cfg.rl.output_dir)
+    _, hf_cfg, tok_dir = resolve_model(cfg)
+    model_dir = vllm_model_dir(out, hf_cfg, tok_dir) if parallel.is_rank0() else None
+    import torch.distributed as dist
+
+    dist.barrier()
+    model_dir = out / "vllm_model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_tokenizer_fits(tokenizer, arch.vocab_size)
+    train_data, eval_data, sampler = build_data(cfg, tokenizer)
+
+    policy = PolicyModel(cfg, arch)
+    if cfg.training.load:
+        from megatron_a3po.models.megatron_ckpt import load_model
+
+        load_model(policy.chunks, cfg.training.load, arch)
+    elif cfg.model.hf_path:
+        policy.load_hf(cfg.model.hf_path)
+    engine = RolloutEngine(str(model_dir), rollout_tp=cfg.rl.rollout_tensor_parallel_size,
+                           max_model_len=cfg.rl.max_prompt_length + cfg.rl.max_response_length + 8,
+                           seed=cfg.training.seed, cpu_kv_cache_gb=cfg.rl.rollout_kv_cache_gb,
+                           gpu_memory_utilization=cfg.rl.gpu_memory_utilization,
+                           dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
+                               str(policy.dtype).replace("torch.", "")])
+    logger = MetricsLogger(str(out), cfg.to_dict(), cfg.rl.wandb_project, cfg.rl.wandb_run_name)
+    trainer = RLTrainer(cfg, policy=policy, engine=engine, tokenizer=tokenizer, train_data=train_data,
+                        eval_data=eval_data, sampler=sampler, reward_fn=get_reward_fn(cfg.rl.reward), logger=logger,
+                        on_step_end=_progress if parallel.is_rank0() else None)
+    before, after = trainer.fit()
+    logger.close()
+    if parallel.is_rank0():
+        plot_run(out)
+        print(f"metrics: {out / 'metrics.jsonl'}  plot: {out / 'curves.png'}")
+        print(f"validation accuracy: before {before:.2f} -> after {after:.2f}", flush=True)
+    parallel.destroy()
+    return 0
+
+
+def _progress(step: int, m: dict) -> None:
+    print(f"[step {step}] reward {m['reward/mean']:.3f} acc {m['reward/accuracy']:.3f} "
+          f"len {m['response/length_mean']:.1f} entropy {m.get('entropy', float('nan')):.3f} "
+          f"grad_norm {m['train/grad_norm']:.3f} mismatch {m.get('mismatch/logp_abs_mean', float('nan')):.1e} "
+          f"pos/neg {m.get('pos/count', 0):.0f}/{m.get('neg/count', 0):.0f}  "
+          + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time/")), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

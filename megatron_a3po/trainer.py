@@ -1,0 +1,147 @@
+"""The RL step, top to bottom:
+
+rollout (vLLM) -> reward -> outcome advantages -> old log-probs + entropy (Megatron) -> token shaping (A3PO ...)
+-> mini-batch PPO updates through Megatron's pipeline schedule with the policy-loss hook -> refit -> metrics.
+
+Everything else (parallel state, the model, vLLM, algorithms, data, metrics) lives in its own module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_a3po import algorithms as A
+from megatron_a3po import metrics as M
+from megatron_a3po import parallel
+from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
+                                      local_rows, train_mini_batch)
+from megatron_a3po.rollout.sampling import SamplingConfig
+
+
+class RLTrainer:
+    def __init__(self, cfg, *, policy, engine, tokenizer, train_data, eval_data, sampler, reward_fn, logger,
+                 start_step: int = 1, on_step_end=None):
+        self.cfg, self.rl = cfg, cfg.rl
+        self.policy, self.engine, self.tokenizer = policy, engine, tokenizer
+        self.train_data, self.eval_data, self.sampler, self.reward_fn = train_data, eval_data, sampler, reward_fn
+        self.logger, self.start_step, self.on_step_end = logger, start_step, on_step_end
+        adv, shaper, loss, low, high, agg = self.rl.resolved()
+        self.advantage_fn = A.get_advantage_fn(adv)
+        self.shaper_name, self.shaper = shaper, (A.get_shaper(shaper) if shaper else None)
+        self.shaper_config = _a3po_config(self.rl) if shaper == "a3po" else None
+        self.loss_config = A.PolicyLossConfig(clip_ratio_low=low, clip_ratio_high=high, dual_clip_c=self.rl.dual_clip_c,
+                                              entropy_coef=self.rl.entropy_coef)
+        self.loss_name, self.agg_mode = loss, agg
+        self.logprob_settings = LogprobSettings(
+            temperature=self.rl.rollout_temperature, vocab_size=policy.arch.vocab_size,
+            minp_kappa=self.loss_config.lp_reg_kappa if loss == "lp_reg" else None)
+        self.sampling = SamplingConfig(n=self.rl.rollout_n, temperature=self.rl.rollout_temperature,
+                                       top_p=self.rl.rollout_top_p, top_k=self.rl.rollout_top_k,
+                                       max_new_tokens=self.rl.max_response_length, seed=cfg.training.seed,
+                                       stop=[])
+
+    # ---- the run ----------------------------------------------------------------------------------------------
+
+    def fit(self) -> tuple[float, float]:
+        """Refit vLLM from Megatron, evaluate, train `train_steps` RL steps, evaluate again."""
+        self.engine.refit(self.policy.hf_state())
+        before = self.evaluate(step=self.start_step - 1)
+        for step in range(self.start_step, self.rl.train_steps + 1):
+            metrics = self.step(step)
+            if self.rl.eval_interval and step % self.rl.eval_interval == 0 and step != self.rl.train_steps:
+                metrics.update(self.evaluate(step, log=False))
+            self.logger.log(step, metrics)
+            if self.on_step_end is not None:
+                self.on_step_end(step, metrics)
+        after = self.evaluate(step=self.rl.train_steps)
+        return before["val/avg@k"], after["val/avg@k"]
+
+    def step(self, step: int) -> dict:
+        timer = M.PhaseTimer()
+        # 1. Rollout: vLLM generates n responses per prompt (every rank ends up with the whole batch).
+        with timer("rollout"):
+            items = [self.train_data[i] for i in self.sampler.next_indices(self.rl.rollout_batch_size)]
+            batch = self.engine.generate([it.prompt_ids for it in items], self.sampling, self.tokenizer.pad_token_id,
+                                         step=step)
+        # 2. Reward: verifiable outcome reward per response.
+        with timer("reward"):
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
+            truths = [it.ground_truth for it in items for _ in range(self.rl.rollout_n)]
+            rewards = torch.tensor(self.reward_fn.batch(texts, truths), dtype=torch.float32)
+        # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A).
+        adv = self.advantage_fn(rewards, batch.response_mask.bool(), self.rl.rollout_n)
+        mini_rows = self.rl.ppo_mini_batch_size * self.rl.rollout_n
+        exp = build_experience(batch, rewards, adv, local_rows(len(batch), mini_rows, parallel.dp_rank(),
+                                                               parallel.dp_size()))
+        # 4. Old-policy log-probs and entropy (Megatron forward, TP-aware), on the last pipeline stage.
+        with timer("old_logprobs"):
+            on_last_stage = compute_old_logprobs(self.policy, exp, self.cfg.training.micro_batch_size,
+                                                 self.logprob_settings)
+        # 5. Token shaping once per step, before the mini-batch split (A3PO: Â = A * w).
+        weights = None
+        if on_last_stage and self.shaper is not None and A.shaper_phase(self.shaper) == "step":
+            weights = self.shaper(A.AlgoContext(
+                response_mask=exp.response_mask, seq_advantages=exp.seq_advantages, polarity=exp.polarity,
+                old_logprobs=exp.old_logprobs, old_entropy=exp.old_entropy, step=step,
+                total_steps=self.rl.train_steps, config=self.shaper_config))
+            exp.advantages = exp.advantages * weights
+        # 6. Mini-batch updates through Megatron's pipeline schedule with the policy-loss hook.
+        with timer("train"):
+            loss = LossSettings(self.loss_name, self.loss_config, self.agg_mode,
+                                self.shaper_name if self.shaper is not None and A.shaper_phase(self.shaper) ==
+                                "microbatch" else None, None, step, self.rl.train_steps)
+            per_rank = mini_rows // parallel.dp_size()
+            updates, loss_outputs = [], []
+            for _ in range(self.rl.ppo_epochs):
+                for start in range(0, len(exp), per_rank):
+                    stats, outs = train_mini_batch(self.policy, exp.rows(slice(start, start + per_rank)),
+                                                   self.cfg.training.micro_batch_size, self.logprob_settings, loss,
+                                                   max_len=self.rl.max_response_length)
+                    updates.append(stats)
+                    loss_outputs += outs
+        # 7. Refit: stream the updated weights into vLLM through the shared HF mapping.
+        with timer("refit"):
+            self.engine.refit(self.policy.hf_state())
+        # 8. Metrics (polarity-split), reduced over all ranks.
+        local = M.step_statistics(exp, weights, loss_outputs) if on_last_stage and parallel.tp_rank() == 0 else {}
+        metrics = M.reduce_statistics(local)
+        metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n))
+        metrics.update(M.update_statistics(updates))
+        metrics.update(timer.as_metrics())
+        if self.shaper_name == "a3po":
+            metrics["a3po/weight_pos"] = _a3po_weight(self.shaper_config, step, positive=True)
+            metrics["a3po/weight_neg"] = _a3po_weight(self.shaper_config, step, positive=False)
+        return metrics
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+
+    def evaluate(self, step: int, log: bool = True) -> dict:
+        """avg@k and pass@k on the held-out prompts with the paper's eval sampling (T=0.6, top_p=0.95)."""
+        items = [self.eval_data[i] for i in range(min(self.rl.eval_prompts, len(self.eval_data)))]
+        sampling = SamplingConfig(n=self.rl.eval_n, temperature=self.rl.eval_temperature, top_p=self.rl.eval_top_p,
+                                  max_new_tokens=self.rl.max_response_length, seed=self.cfg.training.seed + 7)
+        batch = self.engine.generate([it.prompt_ids for it in items], sampling, self.tokenizer.pad_token_id,
+                                     step=10_000 + step)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
+        truths = [it.ground_truth for it in items for _ in range(self.rl.eval_n)]
+        correct = (torch.tensor(self.reward_fn.batch(texts, truths)) > 0).float().view(len(items), self.rl.eval_n)
+        result = {"val/avg@k": correct.mean().item(), "val/pass@k": correct.max(dim=1).values.mean().item(),
+                  "val/k": float(self.rl.eval_n)}
+        if log:
+            self.logger.log(step, result)
+        return result
+
+
+def _a3po_config(rl):
+    from megatron_a3po.algorithms.shaping import A3POConfig
+
+    return A3POConfig(ratio=rl.a3po_ratio, rho_pos=rl.a3po_rho_pos, alpha_pos=rl.a3po_alpha_pos,
+                      rho_neg=rl.a3po_rho_neg, alpha_neg=rl.a3po_alpha_neg, metric=rl.a3po_metric,
+                      schedule=rl.a3po_schedule)
+
+
+def _a3po_weight(config, step: int, positive: bool) -> float:
+    rho = config.rho_pos if positive else config.rho_neg
+    alpha = config.alpha_pos if positive else config.alpha_neg
+    return rho if config.schedule == "static" else max(rho - alpha * step, 1.0)
