@@ -52,7 +52,7 @@ class RLConfig:
     rollout_top_p: float = 1.0
     rollout_top_k: int = -1
     rollout_tensor_parallel_size: int = 1
-    rollout_kv_cache_gb: float = 1.0  # CPU only: vLLM KV cache size
+    rollout_kv_cache_gb: int = 1  # CPU only: vLLM KV cache size in whole GiB
     gpu_memory_utilization: float = 0.5  # CUDA only
     max_prompt_length: int = 64
     max_response_length: int = 16

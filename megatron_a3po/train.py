@@ -43,6 +43,12 @@ def validate_all(cfg, world_size: int) -> object:
                                 "or --tiny-model llama|qwen2|qwen3")
         arch, _, _ = resolve_model(cfg)
         p = cfg.parallel
+        # In RL the optimizer-step batch is a PPO mini-batch (prompts x responses) and the LR schedule runs over
+        # every update of every step; Megatron's --global-batch-size / --train-iters are derived from them.
+        rl = cfg.rl
+        cfg.training.global_batch_size = rl.ppo_mini_batch_size * rl.rollout_n
+        updates_per_step = max(rl.rollout_batch_size // max(rl.ppo_mini_batch_size, 1), 1) * rl.ppo_epochs
+        cfg.training.train_iters = rl.train_steps * updates_per_step
         C.validate(cfg, world_size=world_size, arch=arch)
     finally:
         if cfg.model.tiny_model == "checkpoint":

@@ -18,7 +18,7 @@ from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_ro
 
 class RolloutEngine:
     def __init__(self, hf_path: str, *, rollout_tp: int = 1, max_model_len: int = 1024, seed: int = 0,
-                 dtype: str = "float32", gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: float = 1.0,
+                 dtype: str = "float32", gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: int = 1,
                  load_format: str = "dummy"):
         """`load_format="dummy"`: vLLM allocates weights without reading them; the first refit fills them
         from the live Megatron model, so rollouts always use exactly the policy being trained."""
@@ -31,7 +31,7 @@ class RolloutEngine:
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), not gpu_memory_utilization.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cpu_kv_cache_gb))))  # whole GiB
         threads = torch.get_num_threads()
         self.llm = LLM(
             model=hf_path, tensor_parallel_size=rollout_tp, distributed_executor_backend="external_launcher",

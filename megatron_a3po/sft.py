@@ -1,0 +1,134 @@
+"""Supervised warm start with the same model/parallel code: cross-entropy on response tokens only.
+
+    torchrun --nproc-per-node 2 -m megatron_a3po.sft --hf-path BASE_HF --tensor-model-parallel-size 2 \
+        --sft-output OUT_HF [--sft-steps 300] [--lr 1e-3]
+
+Trains on the synthetic arithmetic task (`prompt` -> `ground_truth` then end-of-turn) and writes the policy as an
+HF checkpoint (config.json, model.safetensors, tokenizer) that `a3po-convert hf-to-megatron` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_a3po import config as C
+
+
+def _examples(tokenizer, rows) -> list[tuple[list[int], list[int]]]:
+    return [(tokenizer.encode(r["prompt"], add_special_tokens=False),
+             tokenizer.encode(r["ground_truth"], add_special_tokens=False) + [tokenizer.eos_token_id]) for r in rows]
+
+
+def _batch(examples, pad_id: int) -> dict:
+    width = max(len(p) + len(a) for p, a in examples)
+    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, (p, a) in enumerate(examples):
+        tokens[i, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, len(p): len(p) + len(a)] = True
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask[:, 1:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sft-output", required=True, help="HF directory to write the warm-started policy to")
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-level", type=int, default=1, help="arithmetic difficulty level")
+    parser.add_argument("--sft-examples", type=int, default=2000, help="distinct training examples")
+    C.add_flags(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = C.apply_flags(C.Config(), args)
+    import os
+
+    from megatron_a3po.models.families import load_hf_arch
+
+    try:
+        if not cfg.model.hf_path:
+            raise C.ConfigError("--hf-path is required (the base HF model to warm-start)")
+        arch, hf_cfg = load_hf_arch(cfg.model.hf_path)
+        C.validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), arch=arch)
+        if args.sft_steps < 1:
+            raise C.ConfigError(f"--sft-steps must be >= 1, got {args.sft_steps}")
+    except (C.ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return run(cfg, arch, hf_cfg, args)
+
+
+def run(cfg, arch, hf_cfg, args) -> int:
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from megatron_a3po import parallel
+    from megatron_a3po.experience import _tp_group
+    from megatron_a3po.logprobs import vocab_parallel_logprobs
+    from megatron_a3po.model_runner import PolicyModel
+    from megatron_a3po.rewards.synthetic import make_arithmetic_dataset
+
+    p, t = cfg.parallel, cfg.training
+    parallel.init_model_parallel(parallel.ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size),
+                                 seed=t.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    policy = PolicyModel(cfg, arch)
+    policy.load_hf(cfg.model.hf_path)
+    examples = _examples(tokenizer, make_arithmetic_dataset(args.sft_examples, args.sft_level, seed=t.seed + 1))
+    gen = torch.Generator().manual_seed(t.seed)
+    say = print if parallel.is_rank0() else (lambda *a, **k: None)
+    for step in range(1, args.sft_steps + 1):
+        picked = torch.randint(len(examples), (t.global_batch_size,), generator=gen).tolist()
+        batch = _batch([examples[i] for i in picked], tokenizer.pad_token_id)
+        share = slice(parallel.dp_rank() * (len(picked) // parallel.dp_size()),
+                      (parallel.dp_rank() + 1) * (len(picked) // parallel.dp_size()))
+        total = batch["mask"].sum().item()
+        micro = [{k: v[share][i: i + t.micro_batch_size] for k, v in batch.items()}
+                 for i in range(0, len(picked) // parallel.dp_size(), t.micro_batch_size)]
+
+        def loss_fn(logits, mb):
+            lp = vocab_parallel_logprobs(logits, mb["targets"], _tp_group(), vocab_size=arch.vocab_size).logprobs
+            nll = -(lp * mb["mask"]).sum()
+            return nll / total, {"nll": nll.detach()}
+
+        outs = policy.forward_backward(micro, loss_fn)
+        stats = policy.optimizer_step()
+        local = torch.tensor(sum(o["nll"].item() for o in outs) if outs else 0.0)
+        dist.all_reduce(local)
+        if step % 25 == 0 or step == 1:
+            say(f"[sft] step {step}/{args.sft_steps} loss {local.item() / total / parallel.tp_size():.4f} "
+                f"grad_norm {stats['grad_norm']:.3f}", flush=True)
+    _export_hf(policy, hf_cfg, Path(cfg.model.hf_path), Path(args.sft_output))
+    parallel.destroy()
+    return 0
+
+
+def _export_hf(policy, hf_cfg: dict, base: Path, out: Path) -> None:
+    """Gather the full policy on every rank (collective) and write it on rank 0, atomically. Fine for the small
+    warm-start models; `a3po-convert megatron-to-hf` is the streaming path for large ones."""
+    from safetensors.torch import save_file
+
+    from megatron_a3po import parallel
+
+    tensors = {name: t.clone() for name, t in policy.hf_state()}
+    if not parallel.is_rank0():
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    for f in base.iterdir():
+        if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name not in ("config.json",) \
+                and not f.name.endswith(".index.json"):
+            shutil.copy(f, tmp / f.name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"[sft] wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
