@@ -15,7 +15,7 @@ test: $(VENV_STAMP)
 	.venv/bin/python -m pytest tests $(PYTEST_ARGS)
 
 demo: $(VENV_STAMP)
-	.venv/bin/torchrun --nproc-per-node 2 -m megatron_a3po.smoke
+	bash launch/demo.sh
 
 clean:
 	rm -rf .venv .uv-bootstrap .pytest_cache

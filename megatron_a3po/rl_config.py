@@ -74,6 +74,7 @@ class RLConfig:
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
     output_dir: str = "runs/latest"
+    export_hf: str | None = None  # write the final policy here as an HF checkpoint
     wandb_project: str | None = None
     wandb_run_name: str | None = None
 

@@ -10,8 +10,6 @@ HF checkpoint (config.json, model.safetensors, tokenizer) that `a3po-convert hf-
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -67,6 +65,7 @@ def run(cfg, arch, hf_cfg, args) -> int:
 
     from megatron_a3po import parallel
     from megatron_a3po.experience import _tp_group
+    from megatron_a3po.hf_export import export_hf
     from megatron_a3po.logprobs import vocab_parallel_logprobs
     from megatron_a3po.model_runner import PolicyModel
     from megatron_a3po.rewards.synthetic import make_arithmetic_dataset
@@ -101,33 +100,9 @@ def run(cfg, arch, hf_cfg, args) -> int:
         if step % 25 == 0 or step == 1:
             say(f"[sft] step {step}/{args.sft_steps} loss {local.item() / total / parallel.tp_size():.4f} "
                 f"grad_norm {stats['grad_norm']:.3f}", flush=True)
-    _export_hf(policy, hf_cfg, Path(cfg.model.hf_path), Path(args.sft_output))
+    export_hf(policy, hf_cfg, Path(cfg.model.hf_path), Path(args.sft_output))
     parallel.destroy()
     return 0
-
-
-def _export_hf(policy, hf_cfg: dict, base: Path, out: Path) -> None:
-    """Gather the full policy on every rank (collective) and write it on rank 0, atomically. Fine for the small
-    warm-start models; `a3po-convert megatron-to-hf` is the streaming path for large ones."""
-    from safetensors.torch import save_file
-
-    from megatron_a3po import parallel
-
-    tensors = {name: t.clone() for name, t in policy.hf_state()}
-    if not parallel.is_rank0():
-        return
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    for f in base.iterdir():
-        if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name not in ("config.json",) \
-                and not f.name.endswith(".index.json"):
-            shutil.copy(f, tmp / f.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print(f"[sft] wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

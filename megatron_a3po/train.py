@@ -32,29 +32,34 @@ def resolve_model(cfg) -> tuple[object, dict, Path | None]:
 
 
 def validate_all(cfg, world_size: int) -> object:
+    """Every check that can run before a process group exists; returns the ModelArch."""
     from megatron_a3po.rl_config import validate_rl
 
-    model_given = cfg.model.hf_path or cfg.model.tiny_model or cfg.training.load
-    if cfg.training.load and not (cfg.model.hf_path or cfg.model.tiny_model):
-        cfg.model.tiny_model = "checkpoint"  # placeholder so the model-source check passes; --load decides
+    if not (cfg.model.hf_path or cfg.model.tiny_model or cfg.training.load):
+        raise C.ConfigError("give a model: --load MEGATRON_CKPT (from a3po-convert), --hf-path HF_DIR, "
+                            "or --tiny-model llama|qwen2|qwen3")
+    p, rl = cfg.parallel, cfg.rl
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    # In RL the optimizer-step batch is a PPO mini-batch (prompts x responses) and the LR schedule runs over every
+    # update of every step: Megatron's --global-batch-size / --train-iters are derived from them, so the RL
+    # checks (which name the RL flags) run first.
+    if model_parallel > 0 and world_size % model_parallel == 0:
+        validate_rl(rl, world_size=world_size, dp=world_size // model_parallel,
+                    micro_batch_size=cfg.training.micro_batch_size)
+    cfg.training.global_batch_size = rl.ppo_mini_batch_size * rl.rollout_n
+    cfg.training.train_iters = rl.train_steps * max(rl.rollout_batch_size // rl.ppo_mini_batch_size, 1) * rl.ppo_epochs
+    if cfg.training.load and not Path(cfg.training.load).exists():
+        raise C.ConfigError(f"--load {cfg.training.load}: path does not exist; convert an HF model with "
+                            "`a3po-convert hf-to-megatron` or drop --load")
+    arch, _, _ = resolve_model(cfg)
+    placeholder = cfg.training.load and not (cfg.model.hf_path or cfg.model.tiny_model)
+    if placeholder:
+        cfg.model.tiny_model = "checkpoint"  # satisfies the one-model-source check; --load decides the model
     try:
-        if not model_given:
-            raise C.ConfigError("give a model: --load MEGATRON_CKPT (from a3po-convert), --hf-path HF_DIR, "
-                                "or --tiny-model llama|qwen2|qwen3")
-        arch, _, _ = resolve_model(cfg)
-        p = cfg.parallel
-        # In RL the optimizer-step batch is a PPO mini-batch (prompts x responses) and the LR schedule runs over
-        # every update of every step; Megatron's --global-batch-size / --train-iters are derived from them.
-        rl = cfg.rl
-        cfg.training.global_batch_size = rl.ppo_mini_batch_size * rl.rollout_n
-        updates_per_step = max(rl.rollout_batch_size // max(rl.ppo_mini_batch_size, 1), 1) * rl.ppo_epochs
-        cfg.training.train_iters = rl.train_steps * updates_per_step
         C.validate(cfg, world_size=world_size, arch=arch)
     finally:
-        if cfg.model.tiny_model == "checkpoint":
+        if placeholder:
             cfg.model.tiny_model = None
-    dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)
-    validate_rl(cfg.rl, world_size=world_size, dp=dp, micro_batch_size=cfg.training.micro_batch_size)
     return arch
 
 
@@ -157,10 +162,16 @@ def run(cfg, arch) -> int:
                         on_step_end=_progress if parallel.is_rank0() else None)
     before, after = trainer.fit()
     logger.close()
+    if cfg.rl.export_hf:
+        from megatron_a3po.hf_export import export_hf
+
+        export_hf(policy, hf_cfg, model_dir, Path(cfg.rl.export_hf))
     if parallel.is_rank0():
         plot_run(out)
         print(f"metrics: {out / 'metrics.jsonl'}  plot: {out / 'curves.png'}")
-        print(f"validation accuracy: before {before:.2f} -> after {after:.2f}", flush=True)
+        final = f"validation accuracy: before {before:.2f} -> after {after:.2f}"
+        (out / "final.txt").write_text(final + "\n")
+        print(final, flush=True)
     parallel.destroy()
     return 0
 

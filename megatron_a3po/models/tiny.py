@@ -80,3 +80,19 @@ def write_tiny_hf_checkpoint(out_dir: str | Path, family: str = "qwen2", seed: i
     model.save_pretrained(out, safe_serialization=True)
     build_tokenizer().save_pretrained(out)
     return out
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random HF checkpoint (no downloads).")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--family", default="qwen2", choices=sorted(FAMILY_CLASSES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"wrote tiny {args.family} checkpoint {write_tiny_hf_checkpoint(args.out, args.family, seed=args.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

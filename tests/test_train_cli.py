@@ -1,0 +1,74 @@
+"""The main job's entry point: flag validation before any process group, --dry-run, every config file."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_a3po import config as C
+from megatron_a3po.train import validate_all
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--tiny-model", "qwen2", "--micro-batch-size", "8"]
+
+INVALID_RL = [
+    (["--algorithm", "ppo_plus"], 2, "--algorithm 'ppo_plus' is unknown"),
+    (["--rollout-batch-size", "10", "--ppo-mini-batch-size", "4"], 2, "--rollout-batch-size 10 must be a multiple"),
+    (["--ppo-mini-batch-size", "1", "--rollout-n", "4", "--rollout-batch-size", "4"], 1,
+     "4 sequences must split into --micro-batch-size 8"),
+    (["--rollout-tensor-parallel-size", "3"], 2, "--rollout-tensor-parallel-size 3 must divide the world size 2"),
+    (["--rollout-temperature", "0"], 1, "--rollout-temperature must be > 0"),
+    (["--a3po-ratio", "0"], 1, "--a3po-ratio must be in (0, 1]"),
+    (["--a3po-metric", "logit"], 1, "--a3po-metric must be prob or entropy"),
+    (["--loss-agg-mode", "sum"], 1, "--loss-agg-mode 'sum' is unknown"),
+    (["--ppo-epochs", "0"], 1, "--ppo-epochs must be >= 1"),
+    (["--max-response-length", "0"], 1, "--max-response-length must be >= 1"),
+    (["--eval-n", "0"], 1, "--eval-prompts and --eval-n >= 1"),
+    (["--rollout-top-p", "1.5"], 1, "--rollout-top-p and --eval-top-p must be in (0, 1]"),
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 2, "not divisible by"),
+    (["--fp8-format", "hybrid", "--bf16"], 1, "--fp8-format needs Transformer Engine"),
+]
+
+
+@pytest.mark.parametrize("flags,world,message", INVALID_RL, ids=[" ".join(f) for f, _, _ in INVALID_RL])
+def test_invalid_rl_flags_are_refused(flags, world, message):
+    cfg, _ = C.parse_args(BASE + flags)
+    with pytest.raises(C.ConfigError) as err:
+        validate_all(cfg, world)
+    assert message in str(err.value)
+
+
+def test_missing_model_and_missing_checkpoint():
+    cfg, _ = C.parse_args(["--micro-batch-size", "8"])
+    with pytest.raises(C.ConfigError, match="give a model"):
+        validate_all(cfg, 1)
+    cfg, _ = C.parse_args(["--load", "/nonexistent/ckpt"])
+    with pytest.raises((C.ConfigError, ValueError, FileNotFoundError), match="/nonexistent/ckpt"):
+        validate_all(cfg, 1)
+
+
+def test_rl_derives_megatron_batch_and_iters():
+    cfg, _ = C.parse_args(BASE + ["--rollout-batch-size", "32", "--ppo-mini-batch-size", "16", "--rollout-n", "8",
+                                  "--train-steps", "5", "--ppo-epochs", "2"])
+    validate_all(cfg, 2)
+    assert cfg.training.global_batch_size == 16 * 8
+    assert cfg.training.train_iters == 5 * 2 * 2
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_loads_and_validates(path):
+    cfg, _ = C.parse_args(["--config", str(path)] + ([] if "tiny" not in path.name else ["--tiny-model", "qwen2"]))
+    world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    if cfg.model.hf_path is None and cfg.training.load is None and cfg.model.tiny_model is None:
+        cfg.model.tiny_model = "qwen2"
+    validate_all(cfg, world)
+
+
+def test_dry_run_prints_layout_and_exits_zero():
+    proc = subprocess.run([sys.executable, "-m", "megatron_a3po.train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+                           "--tiny-model", "qwen2", "--dry-run"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert "layout: world=2 TP=2 PP=1 CP=1 DP=1 rollout TP=1; algorithm a3po" in proc.stdout
