@@ -124,5 +124,7 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
         raise ConfigError("--a3po-metric must be prob or entropy and --a3po-schedule linear or static")
     if rl.eval_interval < 0 or rl.eval_prompts < 1 or rl.eval_n < 1:
         raise ConfigError("--eval-interval must be >= 0, --eval-prompts and --eval-n >= 1")
-    if rl.dynamic_sampling and rl.max_num_gen_batches < 1:
-        raise ConfigError("--dynamic-sampling needs --max-num-gen-batches >= 1")
+    if rl.dynamic_sampling:
+        # data.DynamicSampler implements the bookkeeping; the trainer does not drive it yet.
+        raise ConfigError("--dynamic-sampling is not wired into the trainer yet; drop the flag (each step then "
+                          "trains on every group, all-correct / all-wrong groups contributing zero advantage)")
