@@ -93,7 +93,7 @@ class PolicyModel:
 
         weights = HFWeights(hf_path)
         return hf_mapping.load_into_model(self.chunks, self.arch, weights.get, self.padded_vocab,
-                                          self.tp_rank, self.tp_size)
+                                          self.tp_rank, self.tp_size, read_hf_into=weights.read_into)
 
     def hf_state(self, getter=lambda p: p.detach(), dtype: torch.dtype | None = None):
         """Collective generator of (hf_name, full tensor): weights by default, e.g. main_grad with a getter."""

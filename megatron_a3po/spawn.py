@@ -47,6 +47,33 @@ def _rank_main(fn, args, rank, world_size, port, results, extra_env):
             pass
 
 
+def _collect(procs, results, world_size: int, timeout: float) -> dict[int, tuple[bool, Any]]:
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            outcomes[rank] = (ok, value)
+        except queue.Empty:
+            # A rank that died without reporting (segfault, os._exit) would otherwise cost the whole timeout.
+            if all(p.exitcode is not None for p in procs):
+                break
+        if any(not ok for ok, _ in outcomes.values()):
+            # Give the other ranks a moment to report their own errors, then stop waiting for them.
+            time.sleep(2.0)
+            while True:
+                try:
+                    rank, ok, value = results.get_nowait()
+                    outcomes[rank] = (ok, value)
+                except queue.Empty:
+                    break
+            break
+    return outcomes
+
+
 def run_in_ranks(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -64,35 +91,14 @@ def run_in_ranks(
     ]
     for p in procs:
         p.start()
-    outcomes: dict[int, tuple[bool, Any]] = {}
-    deadline = time.monotonic() + timeout
-    while len(outcomes) < world_size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            rank, ok, value = results.get(timeout=min(remaining, 1.0))
-            outcomes[rank] = (ok, value)
-        except queue.Empty:
-            # A rank that died without reporting (segfault, os._exit) would otherwise cost the whole timeout.
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
-            if dead and all(p.exitcode is not None for p in procs):
-                break
-        if any(not ok for ok, _ in outcomes.values()):
-            # Give the other ranks a moment to report their own errors, then stop waiting for them.
-            time.sleep(2.0)
-            while True:
-                try:
-                    rank, ok, value = results.get_nowait()
-                    outcomes[rank] = (ok, value)
-                except queue.Empty:
-                    break
-            break
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
-            p.kill()
-            p.join()
+    try:
+        outcomes = _collect(procs, results, world_size, timeout)
+    finally:  # never leave ranks behind, whatever ended the wait (timeout, a failed rank, KeyboardInterrupt)
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
     failures = []
     for r in range(world_size):
         if r not in outcomes:

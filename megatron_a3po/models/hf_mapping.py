@@ -134,6 +134,22 @@ def full_shape(entry: Entry, arch: ModelArch, padded_vocab: int) -> tuple[int, .
     return (h,)
 
 
+def hf_tensor_specs(arch: ModelArch) -> list[tuple[str, tuple[int, ...]]]:
+    """(hf_name, shape) of every HF tensor, in the order `iter_hf_tensors` yields them.
+
+    Derived by running `to_hf` on meta tensors of `full_shape`, so it cannot drift from the layouts above.
+    """
+    specs = []
+    for entry in all_entries(arch):
+        meta = torch.empty(full_shape(entry, arch, arch.vocab_size), device="meta")
+        specs += [(name, tuple(t.shape)) for name, t in to_hf(entry, meta, arch)]
+    return specs
+
+
+# HF tensors that carry no weights (old checkpoints stored RoPE's inverse frequencies).
+IGNORABLE_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
 # ---- TP sharding --------------------------------------------------------------------------------------------
 
 def shard(entry: Entry, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -181,8 +197,13 @@ def _unwrap(module):
 
 
 def load_into_model(chunks, arch: ModelArch, read_hf: Callable[[str], torch.Tensor], padded_vocab: int,
-                    tp_rank: int, tp_size: int) -> int:
-    """Fill this rank's parameters from HF tensors (`read_hf(name)`); returns how many were loaded."""
+                    tp_rank: int, tp_size: int, *,
+                    read_hf_into: Callable[[str, torch.Tensor], None] | None = None) -> int:
+    """Fill this rank's parameters from HF tensors (`read_hf(name)`); returns how many were loaded.
+
+    `read_hf_into(name, out)` (optional) reads an HF tensor straight into `out` (same shape; it casts if the
+    dtype differs). At TP=1 it lets every non-QKV parameter be filled without a temporary full tensor.
+    """
     entries = {e.megatron_name: e for e in all_entries(arch, te=uses_te_names(chunks))}
     # Tied models: the last PP stage's output_layer copy is filled from the embedding.
     tied_head = Entry("output_layer.weight", ("model.embed_tokens.weight",), "vocab", COLUMN)
@@ -191,6 +212,9 @@ def load_into_model(chunks, arch: ModelArch, read_hf: Callable[[str], torch.Tens
         entry = entries.get(name) or (tied_head if name == "output_layer.weight" else None)
         if entry is None:
             raise KeyError(f"Megatron parameter {name} has no HF mapping (family {arch.family})")
+        if read_hf_into is not None and _read_in_place(entry, param, arch, padded_vocab, read_hf_into, tp_size):
+            count += 1
+            continue
         full = to_megatron(entry, [read_hf(n) for n in entry.hf_names], arch, padded_vocab)
         local = shard(entry, full, tp_rank, tp_size)
         if local.shape != param.shape:
@@ -200,6 +224,27 @@ def load_into_model(chunks, arch: ModelArch, read_hf: Callable[[str], torch.Tens
             param.copy_(local)
         count += 1
     return count
+
+
+def _read_in_place(entry: Entry, param, arch: ModelArch, padded_vocab: int, read_into, tp_size: int) -> bool:
+    """TP=1: HF bytes go straight into the parameter, in to_megatron's layout ([gate; up]; vocab rows, then
+    zero padding). QKV (per-group interleave) and TP shards take the general path."""
+    data = param.data
+    if tp_size != 1 or entry.kind == "qkv" or not data.is_contiguous() or data.device.type != "cpu":
+        return False
+    if entry.kind == "glu":
+        parts = list(data.chunk(2, dim=0))
+    elif entry.kind == "vocab":
+        if data.shape[0] != padded_vocab or padded_vocab < arch.vocab_size:
+            return False
+        parts = [data[: arch.vocab_size]]
+        data[arch.vocab_size:].zero_()
+    else:
+        parts = [data]
+    with torch.no_grad():
+        for hf_name, part in zip(entry.hf_names, parts):
+            read_into(hf_name, part)
+    return True
 
 
 def iter_hf_tensors(chunks, arch: ModelArch, padded_vocab: int, *, dtype: torch.dtype,

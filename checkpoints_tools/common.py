@@ -1,0 +1,237 @@
+"""What every a3po-convert subcommand shares: errors, rank launching, atomic output dirs, peak memory.
+
+Launching: a subcommand needing TP x PP ranks
+- under torchrun (RANK and WORLD_SIZE in the environment) runs its rank function in this process, and requires
+  WORLD_SIZE == TP x PP;
+- otherwise, with one rank, runs it in this process (a 1-rank gloo/nccl group, torn down afterwards);
+- otherwise starts TP x PP local ranks itself (megatron_a3po.spawn.run_in_ranks): no torchrun needed.
+Rank functions are module-level and return their result on global rank 0 (None elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+class ConvertError(Exception):
+    """A refused input: the message names the problem and the fix. The CLI prints it and exits 1."""
+
+
+# Error types raised with a one-line, user-facing message (also when they happen inside a spawned rank).
+_USER_ERRORS = ("ConvertError", "HFCheckpointError", "MegatronCheckpointError", "UnsupportedModelError",
+                "ConfigError")
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def max_over_ranks(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class Launcher:
+    """Runs a rank function on TP x PP ranks in whichever way this process was started (module docstring)."""
+
+    def __init__(self, tp: int, pp: int, timeout: float = 24 * 3600.0):
+        self.tp, self.pp, self.world = tp, pp, tp * pp
+        self.timeout = timeout
+        self.torchrun = under_torchrun()
+        self.rank = 0
+        if self.torchrun:
+            world = int(os.environ["WORLD_SIZE"])
+            if world != self.world:
+                raise ConvertError(
+                    f"launched with WORLD_SIZE={world} but --tensor-model-parallel-size {tp} x "
+                    f"--pipeline-model-parallel-size {pp} = {self.world}; launch exactly {self.world} ranks "
+                    "(or run the command without torchrun: it starts its own ranks)"
+                )
+            from megatron_a3po import parallel
+
+            parallel.init_distributed()
+            self.rank = parallel.rank()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value on every rank (only needed under torchrun)."""
+        if not self.torchrun or self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.torchrun and self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def run(self, fn: Callable, args: Sequence[Any]) -> Any:
+        if self.torchrun:
+            return fn(*args)
+        if self.world == 1:
+            return _run_in_process(fn, args)
+        from megatron_a3po.spawn import run_in_ranks
+
+        try:
+            return run_in_ranks(fn, self.world, args, timeout=self.timeout)[0]
+        except RuntimeError as err:
+            message = user_error_from_traceback(str(err))
+            if message:
+                raise ConvertError(message) from None
+            raise
+
+
+def _run_in_process(fn: Callable, args: Sequence[Any]) -> Any:
+    """A 1-rank job in this process; the environment and process group are restored afterwards."""
+    from megatron_a3po import parallel
+    from megatron_a3po.spawn import free_port
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    try:
+        parallel.init_distributed()
+        return fn(*args)
+    finally:
+        parallel.destroy()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def user_error_from_traceback(text: str) -> str | None:
+    """The one-line message of a known user-facing error inside a rank's traceback, if there is one."""
+    pattern = r"^(?:[\w.]+\.)?(" + "|".join(_USER_ERRORS) + r"): (.+)$"
+    match = re.search(pattern, text, flags=re.MULTILINE)
+    return match.group(2) if match else None
+
+
+def check_output_dir(output: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
+    """Refuse an existing output (unless --overwrite) and an output that is, contains or lies inside an input."""
+    out = output.resolve()
+    for src in inputs:
+        src = src.resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ConvertError(f"--output {output} overlaps the input {src}; write the result to a separate directory")
+    if out.exists() and not overwrite:
+        raise ConvertError(f"--output {output} already exists; pass --overwrite to replace it, or choose a new path")
+    if not out.parent.is_dir():
+        raise ConvertError(f"--output {output}: parent directory {out.parent} does not exist; create it first")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Path, launcher: Launcher | None = None):
+    """Yield a fresh hidden temp dir beside `output`; on success rename it to `output`, on any failure delete it.
+
+    A killed conversion leaves only `.NAME.partial-*` (no metadata file, so nothing loads it as a checkpoint).
+    Under torchrun, rank 0 owns the directory and the others receive its path.
+    """
+    output = output.resolve()
+    main = launcher is None or launcher.is_main
+    tmp = None
+    if main:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the final directory's mode
+    if launcher is not None:
+        tmp = Path(launcher.share(str(tmp) if tmp else None))
+    try:
+        yield tmp
+        if launcher is not None:
+            launcher.barrier()
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not main:
+        return
+    if output.exists() or output.is_symlink():  # --overwrite was checked by check_output_dir
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, old / "previous")
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+def parse_dtype(name: str | None):
+    import torch
+
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if name is None:
+        return None
+    if name not in names:
+        raise ConvertError(f"--dtype {name!r}: choose bf16, fp16 or fp32")
+    return names[name]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_parallel_sizes(arch, tp: int, pp: int) -> None:
+    """TP must divide heads and query groups, PP the layers (the same rules, and messages, as training)."""
+    from megatron_a3po.config import Config, ConfigError, _validate_against_arch
+
+    if tp < 1 or pp < 1:
+        raise ConvertError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    cfg = Config()
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    try:
+        _validate_against_arch(cfg, arch)
+    except ConfigError as err:
+        raise ConvertError(str(err)) from None
+
+
+def build_model(arch, tp: int, pp: int, dtype, padded_vocab: int) -> list:
+    """Model-parallel groups + this rank's GPTModel chunk(s), uninitialised (every parameter is loaded next).
+
+    The local (non-Transformer-Engine) layer spec: its sharded-state-dict keys are the TE ones, so the
+    checkpoint loads into either.
+    """
+    from megatron_a3po import parallel
+    from megatron_a3po.models import builder
+
+    parallel.init_model_parallel(parallel.ParallelSizes(tensor=tp, pipeline=pp))
+    config = builder.transformer_config(arch, tp=tp, pp=pp, params_dtype=dtype, use_te=False)
+    config.perform_initialization = False  # random init of billions of weights only to overwrite them
+    return builder.build_model_chunks(arch, config, padded_vocab=padded_vocab, use_te=False)
+
+
+def progress(total: int | None, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=" tensors", disable=not enabled, mininterval=1.0, dynamic_ncols=True)
