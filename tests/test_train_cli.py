@@ -72,3 +72,19 @@ def test_dry_run_prints_layout_and_exits_zero():
                           env={**os.environ, "WORLD_SIZE": "2"})
     assert proc.returncode == 0, proc.stderr
     assert "layout: world=2 TP=2 PP=1 CP=1 DP=1 rollout TP=1; algorithm a3po" in proc.stdout
+
+
+def test_metrics_logger_and_plot(tmp_path):
+    from megatron_a3po.cli import a3po
+    from megatron_a3po.metrics import MetricsLogger, read_jsonl
+
+    logger = MetricsLogger(str(tmp_path), config={})
+    for step in range(1, 4):
+        logger.log(step, {"reward/mean": 0.1 * step, "pos/entropy": 1.0 / step, "neg/entropy": 1.2 / step,
+                          "pos/length": 3.0, "neg/length": 4.0})
+    logger.log(3, {"val/avg@k": 0.5, "val/pass@k": 0.9})
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 3]
+    assert a3po(["plot", str(tmp_path)]) == 0
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert a3po(["plot", str(tmp_path / "missing")]) == 1

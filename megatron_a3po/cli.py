@@ -1,0 +1,42 @@
+"""Console scripts: `a3po plot RUN_DIR` and `a3po-train` (torchrun on one node around megatron_a3po.train)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def a3po(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="a3po", description="megatron-a3po utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plot = sub.add_parser("plot", help="write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
+    plot.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from megatron_a3po.metrics import plot_run
+
+    if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+        print(f"error: {args.run_dir}/metrics.jsonl not found; pass the --output-dir of a training run",
+              file=sys.stderr)
+        return 1
+    print(plot_run(args.run_dir))
+    return 0
+
+
+def a3po_train(argv: list[str] | None = None) -> int:
+    """`a3po-train [--nproc-per-node N] TRAIN_FLAGS...` = torchrun --standalone on this node."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="a3po-train", add_help=False)
+    parser.add_argument("--nproc-per-node", type=int, default=None)
+    known, rest = parser.parse_known_args(argv)
+    nproc = known.nproc_per_node or (_gpu_count() or 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_a3po.train", *rest]
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
