@@ -61,10 +61,12 @@ class RolloutEngine:
         """Generate `sampling.n` responses per prompt; collective over all ranks; returns the whole batch."""
         sampling.validate()
         share = _split(list(range(len(prompts))), self.num_groups)[self.group]
-        params = sampling.to_vllm(seed_offset=1000 * step + self.group)
+        # One seed per prompt, spaced by n (vLLM gives sample j seed + j): no two prompts, samples or steps share
+        # random draws, and rollouts do not depend on how many rollout groups there are.
+        params = [sampling.to_vllm(seed_offset=(step * len(prompts) + i) * sampling.n) for i in share]
         outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params, use_tqdm=False) \
             if share else []
-        local = [_unpack(out, sampling.max_new_tokens) for out in outputs]
+        local = [_unpack(out) for out in outputs]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (self.group, share, local))
         per_prompt: dict[int, tuple] = {}
@@ -135,12 +137,14 @@ def _split(items: list, parts: int) -> list[list]:
     return out
 
 
-def _unpack(request_output, max_new_tokens: int) -> tuple[list, list, list]:
+def _unpack(request_output) -> tuple[list, list, list]:
     responses, logprobs, truncated = [], [], []
     for completion in request_output.outputs:
         ids = list(completion.token_ids)
         responses.append(ids)
-        lps = completion.logprobs or []
-        logprobs.append([entry[tok].logprob for tok, entry in zip(ids, lps)] if lps else [0.0] * len(ids))
-        truncated.append(completion.finish_reason == "length" and len(ids) >= max_new_tokens)
+        if ids and not completion.logprobs:
+            raise RuntimeError("vLLM returned no log-probs for a completion; SamplingConfig.to_vllm must request them")
+        logprobs.append([entry[tok].logprob for tok, entry in zip(ids, completion.logprobs or [])])
+        # "length" = cut by max_new_tokens or by max_model_len: either way the response did not finish.
+        truncated.append(completion.finish_reason == "length")
     return responses, logprobs, truncated
