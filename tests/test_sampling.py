@@ -80,3 +80,19 @@ def test_pack_rollouts_layout():
     assert b.prompt_lengths.tolist() == [3, 3, 1, 1]
     assert b.response_lengths.tolist() == [2, 1, 4, 0]
     assert b.responses == [[10, 11], [12], [13, 14, 15, 16], []]
+
+
+def test_engine_arguments_per_platform():
+    """The CUDA path (sleep mode, CUDA graphs, memory fraction) and the CPU path, checked without building vLLM."""
+    from megatron_a3po.rollout.engine import engine_kwargs
+
+    common = dict(rollout_tp=2, max_model_len=4096, seed=3, dtype="bfloat16", load_format="dummy",
+                  gpu_memory_utilization=0.6)
+    gpu = engine_kwargs("/m", on_gpu=True, **common)
+    assert gpu["enable_sleep_mode"] and not gpu["enforce_eager"] and gpu["gpu_memory_utilization"] == 0.6
+    assert gpu["distributed_executor_backend"] == "external_launcher" and gpu["tensor_parallel_size"] == 2
+    assert gpu["dtype"] == "bfloat16" and gpu["load_format"] == "dummy" and not gpu["enable_prefix_caching"]
+    cpu = engine_kwargs("/m", on_gpu=False, **common)
+    assert not cpu["enable_sleep_mode"] and cpu["enforce_eager"]
+    with pytest.raises(ValueError, match="--gpu-memory-utilization"):
+        engine_kwargs("/m", on_gpu=True, **dict(common, gpu_memory_utilization=1.5))

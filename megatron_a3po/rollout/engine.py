@@ -16,6 +16,20 @@ import torch.distributed as dist
 from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
 
 
+def engine_kwargs(hf_path: str, *, rollout_tp: int, max_model_len: int, seed: int, dtype: str, load_format: str,
+                  gpu_memory_utilization: float, on_gpu: bool) -> dict:
+    """vLLM LLM(...) arguments. GPU: sleep mode (KV cache and weights released while Megatron trains), CUDA
+    graphs, `gpu_memory_utilization`. CPU: eager mode, the KV cache is sized by VLLM_CPU_KVCACHE_SPACE instead."""
+    if on_gpu and not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    return dict(
+        model=hf_path, tensor_parallel_size=rollout_tp, distributed_executor_backend="external_launcher",
+        dtype=dtype, seed=seed, max_model_len=max_model_len, load_format=load_format,
+        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=not on_gpu, enable_sleep_mode=on_gpu,
+        enable_prefix_caching=False,  # refit changes weights under cached prefixes
+    )
+
+
 class RolloutEngine:
     def __init__(self, hf_path: str, *, rollout_tp: int = 1, max_model_len: int = 1024, seed: int = 0,
                  dtype: str = "float32", gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: int = 1,
@@ -33,13 +47,9 @@ class RolloutEngine:
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), not gpu_memory_utilization.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cpu_kv_cache_gb))))  # whole GiB
         threads = torch.get_num_threads()
-        self.llm = LLM(
-            model=hf_path, tensor_parallel_size=rollout_tp, distributed_executor_backend="external_launcher",
-            dtype=dtype, seed=seed + self.group, max_model_len=max_model_len, load_format=load_format,
-            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=not self.on_gpu,
-            enable_sleep_mode=self.on_gpu,  # frees the KV cache (and weights) while Megatron trains
-            enable_prefix_caching=False,  # refit changes weights under cached prefixes
-        )
+        self.llm = LLM(**engine_kwargs(hf_path, rollout_tp=rollout_tp, max_model_len=max_model_len,
+                                       seed=seed + self.group, dtype=dtype, load_format=load_format,
+                                       gpu_memory_utilization=gpu_memory_utilization, on_gpu=self.on_gpu))
         torch.set_num_threads(threads)  # vLLM's CPU worker rebinds OpenMP threads; keep the trainer's setting
         self.sleeping = False
         from megatron_a3po import parallel
