@@ -77,6 +77,8 @@ class RLConfig:
     export_hf: str | None = None  # write the final policy here as an HF checkpoint
     wandb_project: str | None = None
     wandb_run_name: str | None = None
+    # run guards
+    max_consecutive_nan_steps: int = 3  # stop after this many steps in a row with skipped NaN/Inf updates; 0: never
 
     def resolved(self) -> tuple[str, str | None, str, float, float, str]:
         """(advantage, shaper or None, loss, clip_low, clip_high, aggregation) after applying overrides."""
@@ -124,6 +126,9 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
         raise ConfigError("--a3po-metric must be prob or entropy and --a3po-schedule linear or static")
     if rl.eval_interval < 0 or rl.eval_prompts < 1 or rl.eval_n < 1:
         raise ConfigError("--eval-interval must be >= 0, --eval-prompts and --eval-n >= 1")
+    if rl.max_consecutive_nan_steps < 0:
+        raise ConfigError(f"--max-consecutive-nan-steps must be >= 0 (0: never stop), "
+                          f"got {rl.max_consecutive_nan_steps}")
     if rl.dynamic_sampling:
         # data.DynamicSampler implements the bookkeeping; the trainer does not drive it yet.
         raise ConfigError("--dynamic-sampling is not wired into the trainer yet; drop the flag (each step then "

@@ -68,6 +68,7 @@ def _run(cfg, arch) -> int:
             hf_path = box[0]
         model = PolicyModel(cfg, arch)
         model.load_hf(hf_path)
+        dist.barrier()  # rank 0's temp dir must outlive every rank's read of it
     # One fixed batch, split over DP ranks and micro-batches; loss = mean next-token CE over the global batch.
     g = torch.Generator().manual_seed(t.seed)
     tokens = torch.randint(1, arch.vocab_size, (t.global_batch_size, 33), generator=g)

@@ -8,10 +8,12 @@ data, reward, metrics) and hands them to RLTrainer. The last line printed is
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
+from megatron_a3po import checkpointing
 from megatron_a3po import config as C
 
 
@@ -51,7 +53,22 @@ def validate_all(cfg, world_size: int) -> object:
     if cfg.training.load and not Path(cfg.training.load).exists():
         raise C.ConfigError(f"--load {cfg.training.load}: path does not exist; convert an HF model with "
                             "`a3po-convert hf-to-megatron` or drop --load")
+    resume_state = None
+    if cfg.training.load:  # a converted checkpoint, a training checkpoint, or a --save dir (follows `latest`)
+        ckpt, resuming = checkpointing.resolve_load_dir(cfg.training.load)
+        cfg.training.load = str(ckpt)
+        resume_state = checkpointing.read_train_state(ckpt) if resuming else None
     arch, _, _ = resolve_model(cfg)
+    if resume_state is not None:
+        requested = None
+        if cfg.model.hf_path or cfg.model.tiny_model:
+            load, cfg.training.load = cfg.training.load, None
+            requested = resolve_model(cfg)[0]
+            cfg.training.load = load
+        for warning in checkpointing.check_resume(cfg, Path(cfg.training.load), resume_state, requested):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"warning: resuming with a changed setting ({warning}); the resumed run is not an exact "
+                      "continuation", file=sys.stderr)
     placeholder = cfg.training.load and not (cfg.model.hf_path or cfg.model.tiny_model)
     if placeholder:
         cfg.model.tiny_model = "checkpoint"  # satisfies the one-model-source check; --load decides the model
@@ -98,8 +115,6 @@ def build_data(cfg, tokenizer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     try:
         cfg, args = C.parse_args(sys.argv[1:] if argv is None else argv, description=__doc__)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,10 +159,23 @@ def run(cfg, arch) -> int:
     train_data, eval_data, sampler = build_data(cfg, tokenizer)
 
     policy = PolicyModel(cfg, arch)
+    checkpointing.install_nonfinite_guard(policy.optimizer)
+    start_step, val_before, resume_dir = 1, None, None
     if cfg.training.load:
-        from megatron_a3po.models.megatron_ckpt import load_model
+        resume_dir, resuming = checkpointing.resolve_load_dir(cfg.training.load)
+        if resuming:
+            state, notes = checkpointing.resume(resume_dir, policy, sampler)
+            start_step, val_before = state["step"] + 1, state.get("val_before")
+            if parallel.is_rank0():
+                checkpointing.trim_metrics(out, state["step"])
+                for note in notes:
+                    print(f"warning: {note}", file=sys.stderr)
+                print(f"resuming from {resume_dir} at RL step {start_step}", flush=True)
+        else:
+            from megatron_a3po.models.megatron_ckpt import load_model
 
-        load_model(policy.chunks, cfg.training.load, arch)
+            load_model(policy.chunks, cfg.training.load, arch)
+            resume_dir = None
     elif cfg.model.hf_path:
         policy.load_hf(cfg.model.hf_path)
     engine = RolloutEngine(str(model_dir), rollout_tp=cfg.rl.rollout_tensor_parallel_size,
@@ -157,11 +185,19 @@ def run(cfg, arch) -> int:
                            dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
                                str(policy.dtype).replace("torch.", "")])
     logger = MetricsLogger(str(out), cfg.to_dict(), cfg.rl.wandb_project, cfg.rl.wandb_run_name)
+    checkpointer = checkpointing.Checkpointer(cfg, policy, sampler, hf_cfg, model_dir)
+    guard = checkpointing.RunGuard(cfg.rl.max_consecutive_nan_steps)
+    guard.install_signal_handler()  # after vLLM's start-up, which installs handlers of its own
     trainer = RLTrainer(cfg, policy=policy, engine=engine, tokenizer=tokenizer, train_data=train_data,
                         eval_data=eval_data, sampler=sampler, reward_fn=get_reward_fn(cfg.rl.reward), logger=logger,
-                        on_step_end=_progress if parallel.is_rank0() else None)
+                        on_step_end=_progress if parallel.is_rank0() else None, start_step=start_step,
+                        checkpointer=checkpointer, guard=guard, val_before=val_before)
+    if resume_dir is not None:
+        checkpointing.restore_rng(resume_dir)  # last: vLLM's start-up draws from the torch RNG
     before, after = trainer.fit()
     logger.close()
+    if trainer.stop_reason is not None:
+        return _stopped(cfg, trainer, checkpointer)
     if cfg.rl.export_hf:
         from megatron_a3po.hf_export import export_hf
 
@@ -174,6 +210,25 @@ def run(cfg, arch) -> int:
         print(final, flush=True)
     parallel.destroy()
     return 0
+
+
+def _stopped(cfg, trainer, checkpointer) -> int:
+    """A run guard ended training early: SIGTERM -> exit 0 after the checkpoint; NaN/Inf -> exit 3."""
+    from megatron_a3po import parallel
+
+    saved = (Path(cfg.training.save) / checkpointing.step_dir_name(checkpointer.last_saved)
+             if checkpointer.last_saved is not None else None)
+    if parallel.is_rank0():
+        if trainer.stop_reason == "preempted":
+            print(f"SIGTERM: stopped after the current step; checkpoint: {saved or 'none (no --save DIR given)'}. "
+                  "Resume with --load " + (cfg.training.save or "CHECKPOINT"), flush=True)
+        else:
+            print(f"error: {cfg.rl.max_consecutive_nan_steps} RL steps in a row had non-finite (NaN/Inf) loss or "
+                  f"gradients, their updates were skipped; stopped. Last good checkpoint: {saved or 'none'}. "
+                  "Lower --lr, check the data / reward, or raise --max-consecutive-nan-steps", file=sys.stderr,
+                  flush=True)
+    parallel.destroy()
+    return 0 if trainer.stop_reason == "preempted" else 3
 
 
 def _progress(step: int, m: dict) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron_a3po import algorithms as A
 from megatron_a3po import metrics as M
 from megatron_a3po import parallel
+from megatron_a3po.checkpointing import injected_nan_step
 from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
                                       local_rows, train_mini_batch)
 from megatron_a3po.rollout.sampling import SamplingConfig
@@ -21,11 +22,16 @@ from megatron_a3po.rollout.sampling import SamplingConfig
 
 class RLTrainer:
     def __init__(self, cfg, *, policy, engine, tokenizer, train_data, eval_data, sampler, reward_fn, logger,
-                 start_step: int = 1, on_step_end=None):
+                 start_step: int = 1, on_step_end=None, checkpointer=None, guard=None,
+                 val_before: float | None = None):
         self.cfg, self.rl = cfg, cfg.rl
         self.policy, self.engine, self.tokenizer = policy, engine, tokenizer
         self.train_data, self.eval_data, self.sampler, self.reward_fn = train_data, eval_data, sampler, reward_fn
         self.logger, self.start_step, self.on_step_end = logger, start_step, on_step_end
+        # checkpointing.Checkpointer / RunGuard (None: no saving / no stop conditions); val_before on resume
+        self.checkpointer, self.guard, self.val_before = checkpointer, guard, val_before
+        self.stop_reason: str | None = None  # set when fit() stops early: "preempted" | "nonfinite"
+        self.nan_steps = injected_nan_step() or set()  # test hook
         adv, shaper, loss, low, high, agg = self.rl.resolved()
         self.advantage_fn = A.get_advantage_fn(adv)
         self.shaper_name, self.shaper = shaper, (A.get_shaper(shaper) if shaper else None)
@@ -43,19 +49,30 @@ class RLTrainer:
 
     # ---- the run ----------------------------------------------------------------------------------------------
 
-    def fit(self) -> tuple[float, float]:
-        """Refit vLLM from Megatron, evaluate, train `train_steps` RL steps, evaluate again."""
+    def fit(self) -> tuple[float, float | None]:
+        """Refit vLLM from Megatron, evaluate, train `train_steps` RL steps (checkpointing), evaluate again.
+
+        Returns (val before, val after); after is None when a run guard stopped training (see stop_reason).
+        """
         self.engine.refit(self.policy.hf_state())
-        before = self.evaluate(step=self.start_step - 1)
+        before = self.val_before if self.val_before is not None else \
+            self.evaluate(step=self.start_step - 1)["val/avg@k"]
         for step in range(self.start_step, self.rl.train_steps + 1):
             metrics = self.step(step)
             if self.rl.eval_interval and step % self.rl.eval_interval == 0 and step != self.rl.train_steps:
                 metrics.update(self.evaluate(step, log=False))
             self.logger.log(step, metrics)
+            self.stop_reason = self.guard.check(step, metrics) if self.guard is not None else None
+            # No checkpoint when updates keep failing: the last good one stays the newest.
+            if self.checkpointer is not None and self.stop_reason != "nonfinite" and (
+                    self.checkpointer.due(step) or step == self.rl.train_steps or self.stop_reason == "preempted"):
+                self.checkpointer.save(step, extra={"val_before": before})
             if self.on_step_end is not None:
                 self.on_step_end(step, metrics)
+            if self.stop_reason is not None:
+                return before, None
         after = self.evaluate(step=self.rl.train_steps)
-        return before["val/avg@k"], after["val/avg@k"]
+        return before, after["val/avg@k"]
 
     def step(self, step: int) -> dict:
         timer = M.PhaseTimer()
@@ -86,6 +103,8 @@ class RLTrainer:
                 old_logprobs=exp.old_logprobs, old_entropy=exp.old_entropy, step=step,
                 total_steps=self.rl.train_steps, config=self.shaper_config))
             exp.advantages = exp.advantages * weights
+        if step in self.nan_steps:  # test hook (A3PO_TEST_INJECT_NAN_STEP): a NaN loss and NaN gradients
+            exp.advantages = exp.advantages * float("nan")
         # 6. Mini-batch updates through Megatron's pipeline schedule with the policy-loss hook.
         with timer("train"):
             loss = LossSettings(self.loss_name, self.loss_config, self.agg_mode,

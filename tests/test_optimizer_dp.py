@@ -1,5 +1,6 @@
 """Megatron DDP + Adam (clip_grad=1.0) over DP=2 on CPU vs the same step in plain torch on the whole batch."""
 
+import pytest
 import torch
 
 from megatron_a3po.spawn import run_in_ranks
@@ -11,7 +12,7 @@ def _tokens(vocab):
     return torch.randint(1, vocab, (B, S + 1), generator=torch.Generator().manual_seed(3))
 
 
-def _megatron_step(hf_dir):
+def _megatron_step(hf_dir, distributed_optimizer):
     from megatron.core import tensor_parallel
 
     from megatron_a3po import parallel
@@ -23,6 +24,7 @@ def _megatron_step(hf_dir):
     cfg = Config()
     cfg.training.lr, cfg.training.min_lr, cfg.training.clip_grad = LR, LR, 1.0
     cfg.training.adam_beta1, cfg.training.adam_beta2 = 0.9, 0.95
+    cfg.training.use_distributed_optimizer = distributed_optimizer
     parallel.init_model_parallel(parallel.ParallelSizes(), seed=0)
     assert parallel.dp_size() == 2
     model = PolicyModel(cfg, arch)
@@ -41,13 +43,14 @@ def _megatron_step(hf_dir):
     return stats, {name: t.clone() for name, t in model.hf_state()}
 
 
-def test_dp2_adam_with_clipping_matches_plain_torch(tmp_path):
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["adam", "distributed-adam"])
+def test_dp2_adam_with_clipping_matches_plain_torch(tmp_path, distributed_optimizer):
     import transformers
 
     from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
 
     hf_dir = str(write_tiny_hf_checkpoint(tmp_path / "m", "qwen2", seed=2))
-    results = run_in_ranks(_megatron_step, 2, (hf_dir,))
+    results = run_in_ranks(_megatron_step, 2, (hf_dir, distributed_optimizer))
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokens = _tokens(model.config.vocab_size)

@@ -1,0 +1,202 @@
+"""Training checkpoints: exact resume after a hard kill, and the refusals of bad --load directories.
+
+The end-to-end test runs the real job (`torchrun -m megatron_a3po.train`, 2 ranks, TP=2) three times on a tiny
+random qwen2: 4 uninterrupted steps; 4 steps SIGKILLed once the step-2 checkpoint exists; a resume of the killed
+run with `--load SAVE_DIR` (follows `latest`). Steps 3-4 of the resumed run must reproduce the uninterrupted
+run bitwise (metrics and weights). `--entropy-coef` gives non-zero gradients even when every reward is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_a3po import checkpointing
+from megatron_a3po import config as C
+from megatron_a3po.models import megatron_ckpt, tiny
+from megatron_a3po.models.families import arch_from_hf_config
+from megatron_a3po.train import validate_all
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+TINY_RUN = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--entropy-coef", "0.01", "--rollout-batch-size", "8",
+            "--ppo-mini-batch-size", "4", "--rollout-n", "4", "--micro-batch-size", "8", "--max-response-length", "6",
+            "--eval-prompts", "8", "--eval-n", "2", "--eval-interval", "0"]
+
+
+def start_job(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """The training job under torchrun (which starts each rank in a session of its own: see signal_job)."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.Popen([TORCHRUN, "--nproc-per-node", "2", "-m", "megatron_a3po.train", *TINY_RUN, *args],
+                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def signal_job(proc: subprocess.Popen, sig: int) -> None:
+    """Signal torchrun and every rank (torchrun's workers are not in its process group)."""
+    import psutil
+
+    processes = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in processes:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_job(proc, signal.SIGKILL)
+        pytest.fail(f"job timed out; log:\n{log.read_text()[-4000:]}")
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def stored_tensors(ckpt: Path, tmp: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp / f"{ckpt.parent.parent.name}_{ckpt.name}.pt"
+    dcp_to_torch_save(str(ckpt), str(target))
+    return torch.load(target, weights_only=False)
+
+
+def same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    log = tmp_path / "ref.log"
+    proc = start_job(["--tiny-model", "qwen2", "--train-steps", "4", "--output-dir", str(ref / "out"),
+                      "--save", str(ref / "ckpt"), "--save-interval", "2"], log)
+    assert wait(proc, log) == 0, log.read_text()[-4000:]
+
+    # Same job, SIGKILLed (every rank and torchrun) as soon as the step-2 checkpoint is complete.
+    log = tmp_path / "killed.log"
+    proc = start_job(["--tiny-model", "qwen2", "--train-steps", "4", "--output-dir", str(killed / "out"),
+                      "--save", str(killed / "ckpt"), "--save-interval", "2"], log)
+    deadline = time.monotonic() + 400
+    while not (killed / "ckpt" / "latest").exists():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    signal_job(proc, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)  # the ranks, reparented, are gone too (nothing may write step 3-4 files now)
+    assert (killed / "ckpt" / "latest").read_text().strip() == "step_000002"
+    assert not (killed / "ckpt" / "step_000004").exists()
+
+    # Resume from the --save directory (follows `latest`); the model comes from the checkpoint alone.
+    log = tmp_path / "resume.log"
+    proc = start_job(["--load", str(killed / "ckpt"), "--train-steps", "4", "--output-dir", str(killed / "out"),
+                      "--save", str(killed / "ckpt"), "--save-interval", "2"], log)
+    assert wait(proc, log) == 0, log.read_text()[-4000:]
+    assert "resuming from" in log.read_text() and "at RL step 3" in log.read_text()
+
+    expected, resumed = rows(ref / "out"), rows(killed / "out")
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected]  # rows after step 2 trimmed, not doubled
+    for want, got in zip(expected, resumed):
+        keys = {k for k in want if not k.startswith("time/")}
+        assert keys == {k for k in got if not k.startswith("time/")}
+        diffs = {k: (want[k], got[k]) for k in keys if not same(want[k], got[k])}
+        assert not diffs, f"step {want['step']}: {diffs}"
+
+    final_ref = stored_tensors(ref / "ckpt" / "step_000004", tmp_path)
+    final_resumed = stored_tensors(killed / "ckpt" / "step_000004", tmp_path)
+    at_step_2 = stored_tensors(ref / "ckpt" / "step_000002", tmp_path)
+    assert final_ref.keys() == final_resumed.keys()
+    for key, value in final_ref.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, final_resumed[key]), key
+    assert any(isinstance(v, torch.Tensor) and not torch.equal(v, at_step_2[key]) for key, v in final_ref.items()), \
+        "training did not change the weights: the comparison would prove nothing"
+    # Optimizer state (Adam moments) equal too.
+    opt_ref = stored_tensors(ref / "ckpt" / "step_000004" / "optimizer", tmp_path)
+    opt_resumed = stored_tensors(killed / "ckpt" / "step_000004" / "optimizer", tmp_path)
+    assert opt_ref.keys() == opt_resumed.keys() and len(opt_ref) > 0
+    for key, value in opt_ref.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, opt_resumed[key]), key
+    # The checkpoint is also a converted checkpoint (weights only, any TP/PP).
+    meta = megatron_ckpt.read_meta(ref / "ckpt" / "step_000004")
+    assert meta.saved_tensor_parallel_size == 2 and meta.arch.family == "qwen2"
+    # ... which loads at another TP: export the TP=2 training checkpoint at TP=1, weights identical.
+    from safetensors.torch import load_file
+
+    proc = subprocess.run([sys.executable, "-m", "checkpoints_tools.convert", "megatron-to-hf", "--megatron-path",
+                           str(ref / "ckpt" / "step_000004"), "--output", str(tmp_path / "hf"),
+                           "--tensor-model-parallel-size", "1", "--no-progress"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    embed = load_file(tmp_path / "hf" / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(embed, final_ref["embedding.word_embeddings.weight"][:embed.shape[0]])
+    state = checkpointing.read_train_state(ref / "ckpt" / "step_000004")
+    assert state["step"] == 4 and state["layout"]["tp"] == 2 and state["sampler"]["index"] > 0
+    assert json.loads((ref / "ckpt" / "step_000004" / "config.json").read_text())["rl"]["train_steps"] == 4
+    assert not list((ref / "ckpt").glob(".tmp_*"))
+
+
+# ---- refusals (no process group) --------------------------------------------------------------------------
+
+
+def fake_training_checkpoint(path: Path, family: str = "qwen2", step: int = 2) -> Path:
+    """A training checkpoint's metadata without tensors: enough for everything validate_all checks."""
+    path.mkdir(parents=True)
+    hf_cfg = tiny.hf_config(family).to_dict()
+    megatron_ckpt.CheckpointMeta(arch=arch_from_hf_config(hf_cfg), hf_config=hf_cfg, dtype="float32",
+                                 padded_vocab_size=128, make_vocab_size_divisible_by=64).write(path)
+    (path / "metadata.json").write_text("{}")
+    (path / ".metadata").write_bytes(b"")
+    cfg, _ = C.parse_args(["--tiny-model", family] + TINY_RUN[2:])
+    (path / checkpointing.MARKER).write_text(json.dumps({
+        "format": checkpointing.FORMAT, "version": 1, "step": step, "config": cfg.to_dict(),
+        "layout": {"world_size": 2, "tp": 2, "pp": 1, "vpp": None, "cp": 1}}))
+    return path
+
+
+def validate(args: list[str]):
+    cfg, _ = C.parse_args(TINY_RUN + args)
+    validate_all(cfg, 2)
+    return cfg
+
+
+def test_load_dir_that_is_no_checkpoint_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.ConfigError, match="neither a training checkpoint .* nor a converted checkpoint"):
+        validate(["--load", str(tmp_path / "empty")])
+    (tmp_path / "save" / ".tmp_step_000002").mkdir(parents=True)
+    with pytest.raises(C.ConfigError, match=r"only holds interrupted saves \['.tmp_step_000002'\]"):
+        validate(["--load", str(tmp_path / "save")])
+    (tmp_path / "save" / "latest").write_text("step_000009\n")
+    with pytest.raises(C.ConfigError, match="names 'step_000009', which is not a complete training checkpoint"):
+        validate(["--load", str(tmp_path / "save")])
+
+
+def test_load_follows_latest_and_checks_the_model(tmp_path, capsys):
+    fake_training_checkpoint(tmp_path / "save" / "step_000002")
+    (tmp_path / "save" / "latest").write_text("step_000002\n")
+    cfg = validate(["--load", str(tmp_path / "save"), "--train-steps", "4"])
+    assert cfg.training.load == str(tmp_path / "save" / "step_000002")
+    validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--tiny-model", "qwen2"])  # same model: fine
+    with pytest.raises(C.ConfigError, match="holds a different model: family: .*Drop --tiny-model"):
+        validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--tiny-model", "llama"])
+    with pytest.raises(C.ConfigError, match="already reaches --train-steps 2; raise --train-steps"):
+        validate(["--load", str(tmp_path / "save"), "--train-steps", "2"])
+    capsys.readouterr()
+    validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--seed", "7"])
+    assert "training.seed: checkpoint 1234, now 7" in capsys.readouterr().err
+    (tmp_path / "save" / "step_000002" / checkpointing.MARKER).write_text('{"format": "other"}')
+    with pytest.raises(C.ConfigError, match="not a training checkpoint"):
+        validate(["--load", str(tmp_path / "save" / "step_000002"), "--train-steps", "4"])
