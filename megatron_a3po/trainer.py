@@ -81,6 +81,7 @@ class RLTrainer:
             items = [self.train_data[i] for i in self.sampler.next_indices(self.rl.rollout_batch_size)]
             batch = self.engine.generate([it.prompt_ids for it in items], self.sampling, self.tokenizer.pad_token_id,
                                          step=step)
+            self.engine.sleep()  # CUDA: free vLLM's KV cache and weights for training (no-op on CPU)
         # 2. Reward: verifiable outcome reward per response.
         with timer("reward"):
             texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]

@@ -70,6 +70,7 @@ class RolloutEngine:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int, step: int = 0) -> RolloutBatch:
         """Generate `sampling.n` responses per prompt; collective over all ranks; returns the whole batch."""
         sampling.validate()
+        self.wake_up()
         share = _split(list(range(len(prompts))), self.num_groups)[self.group]
         # One seed per prompt, spaced by n (vLLM gives sample j seed + j): no two prompts, samples or steps share
         # random draws, and rollouts do not depend on how many rollout groups there are.
