@@ -125,8 +125,9 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def from_dict(data: dict, source: str = "config") -> Config:
-    cfg = Config()
+def from_dict(data: dict, source: str = "config", cfg: Config | None = None) -> Config:
+    """Apply a YAML mapping on top of `cfg` (a fresh Config by default)."""
+    cfg = cfg or Config()
     sections = cfg.sections()
     for section_name, values in data.items():
         if section_name not in sections:
@@ -163,11 +164,15 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML config; flags override it")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config; repeat to overlay (later files win, e.g. a paper setup then a baseline); "
+                             "flags override all")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     add_flags(parser)
     args = parser.parse_args(argv)
-    cfg = from_dict(load_yaml(args.config), source=args.config) if args.config else Config()
+    cfg = Config()
+    for path in args.config:
+        cfg = from_dict(load_yaml(path), source=path, cfg=cfg)
     return apply_flags(cfg, args), args
 
 

@@ -124,6 +124,13 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
         raise ConfigError(f"--a3po-ratio must be in (0, 1], got {rl.a3po_ratio}")
     if rl.a3po_metric not in ("prob", "entropy") or rl.a3po_schedule not in ("linear", "static"):
         raise ConfigError("--a3po-metric must be prob or entropy and --a3po-schedule linear or static")
+    for flag, path in (("--dataset", rl.dataset), ("--eval-dataset", rl.eval_dataset)):
+        if path and not path.startswith("synthetic:"):
+            import os
+
+            if not os.path.exists(path):
+                raise ConfigError(f"{flag} {path}: file not found; give a parquet/jsonl file (DAPO-Math-17k schema) "
+                                  "or synthetic:arithmetic:LEVEL")
     if rl.eval_interval < 0 or rl.eval_prompts < 1 or rl.eval_n < 1:
         raise ConfigError("--eval-interval must be >= 0, --eval-prompts and --eval-n >= 1")
     if rl.max_consecutive_nan_steps < 0:

@@ -57,13 +57,62 @@ def test_rl_derives_megatron_batch_and_iters():
     assert cfg.training.train_iters == 5 * 2 * 2
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_config_file_loads_and_validates(path):
-    cfg, _ = C.parse_args(["--config", str(path)] + ([] if "tiny" not in path.name else ["--tiny-model", "qwen2"]))
-    world = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
-    if cfg.model.hf_path is None and cfg.training.load is None and cfg.model.tiny_model is None:
-        cfg.model.tiny_model = "qwen2"
-    validate_all(cfg, world)
+# Public config.json values of the paper's models (architecture fields only): validation needs no weights and no GPU.
+PAPER_MODELS = {
+    "Qwen2.5-Math-7B": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944,
+                            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                            rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False),
+    "DeepSeek-R1-Distill-Qwen-7B": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944,
+                                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                        vocab_size=152064, rope_theta=10000.0, max_position_embeddings=131072,
+                                        tie_word_embeddings=False),
+    "Qwen3-8B-Base": dict(architectures=["Qwen3ForCausalLM"], hidden_size=4096, intermediate_size=12288,
+                          num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                          vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=32768,
+                          tie_word_embeddings=False),
+    "Qwen2.5-32B": dict(architectures=["Qwen2ForCausalLM"], hidden_size=5120, intermediate_size=27648,
+                        num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                        rope_theta=1000000.0, max_position_embeddings=131072, tie_word_embeddings=False),
+}
+PAPER_CONFIGS = sorted(REPO.glob("configs/*_a3po.yaml"))
+BASELINES = sorted(REPO.glob("configs/baselines/*.yaml"))
+
+
+def _paper_overrides(path, tmp_path):
+    """Point a paper config at a local config.json with the real architecture and at a local dataset file."""
+    import json
+
+    cfg, _ = C.parse_args(["--config", str(path)])
+    model = Path(cfg.model.hf_path).name
+    hf_dir = tmp_path / model
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(PAPER_MODELS[model]))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("")
+    return ["--hf-path", str(hf_dir), "--dataset", str(data), "--eval-dataset", str(data)]
+
+
+def test_tiny_cpu_config_validates():
+    cfg, _ = C.parse_args(["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model", "qwen2"])
+    validate_all(cfg, 2)
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("baseline", [None] + BASELINES, ids=lambda p: p.stem if p else "a3po")
+def test_paper_setups_validate_for_16_gpus(path, baseline, tmp_path):
+    """Each paper setup (and each baseline overlay on it) is a valid 2 x 8 GPU job: TP divides heads and query
+    groups, batch sizes divide, the 512 x 8 / 32-prompt mini-batch regime holds."""
+    overlay = ["--config", str(baseline)] if baseline else []
+    cfg, _ = C.parse_args(["--config", str(path), *overlay, *_paper_overrides(path, tmp_path)])
+    if cfg.model.fp8_format is None:
+        validate_all(cfg, 16)
+    expected = baseline.stem if baseline else "a3po"
+    assert cfg.rl.algorithm == expected
+    assert (cfg.rl.rollout_batch_size, cfg.rl.rollout_n, cfg.rl.ppo_mini_batch_size) == (512, 8, 32)
+    assert cfg.training.lr == 1e-6 and cfg.rl.train_steps == 300
+    assert cfg.training.global_batch_size == 32 * 8 and cfg.training.train_iters == 300 * 16
+    if baseline is None:
+        assert cfg.rl.resolved()[1:] == ("a3po", "ppo_clip", 0.2, 0.28, "token-mean")
 
 
 def test_dry_run_prints_layout_and_exits_zero():
