@@ -9,7 +9,6 @@ Hook signatures:
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 from .advantages import ADVANTAGE_FNS
@@ -37,21 +36,9 @@ def _resolve(kind: str, name: Any) -> Callable[..., Any]:
             f"unknown {kind} {name!r}; registered: {sorted(registry)}. "
             "For your own function pass 'package.module:function'."
         )
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{kind} hook {name!r} must look like 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{kind} hook {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"{kind} hook {name!r}: module {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"{kind} hook {name!r} is not callable")
-    return fn
+    from megatron_a3po.hooks import import_callable
+
+    return import_callable(name, f"{kind} hook")
 
 
 def get_advantage_fn(name: str | Callable) -> Callable[..., Any]:

@@ -8,7 +8,6 @@ math verification; a timeout scores `timeout_reward` (default 0.0), an exception
 
 from __future__ import annotations
 
-import importlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -47,21 +46,9 @@ class RewardFunction:
 
 
 def _import_target(path: str):
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"custom reward {path!r} must look like 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"custom reward {path!r}: cannot import module {module_name!r} ({exc}); "
-                         "make sure it is on PYTHONPATH") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"custom reward {path!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"custom reward {path!r} is a {type(obj).__name__}, not a function")
-    return obj
+    from megatron_a3po.hooks import import_callable
+
+    return import_callable(path, "custom reward")
 
 
 def get_reward_fn(name_or_path: str, *, timeout: float = DEFAULT_TIMEOUT_S, pool: WorkerPool | None = None,
