@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from megatron_a3po import algorithms as A
+from megatron_a3po import parallel
 from megatron_a3po.logprobs import vocab_parallel_logprobs
 
 PER_TOKEN = ("targets", "response_mask", "loss_mask", "advantages", "old_logprobs", "old_entropy",
@@ -72,17 +73,11 @@ class LogprobSettings:
     minp_kappa: float | None = None  # lp_reg's proxy, computed in the old-policy pass
 
 
-def _tp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-
-
 @torch.no_grad()
 def compute_old_logprobs(policy, exp: Experience, micro_batch_size: int, settings: LogprobSettings) -> bool:
     """Forward-only pass: fill exp.old_logprobs / old_entropy (/ proxy) on the last stage. True if filled here."""
     def capture(logits, mb):
-        out = vocab_parallel_logprobs(logits, mb["targets"], _tp_group(), temperature=settings.temperature,
+        out = vocab_parallel_logprobs(logits, mb["targets"], parallel.tp_group(), temperature=settings.temperature,
                                       compute_entropy=True, vocab_size=settings.vocab_size,
                                       minp_kappa=settings.minp_kappa)
         return torch.zeros((), device=logits.device), {"lp": out.logprobs, "ent": out.entropy,
@@ -120,7 +115,7 @@ def train_mini_batch(policy, mini: Experience, micro_batch_size: int, settings: 
     needs_entropy = loss.shaper == "fork_tokens" or loss.loss_config.entropy_coef > 0
 
     def policy_loss(logits, mb):
-        cur = vocab_parallel_logprobs(logits, mb["targets"], _tp_group(), temperature=settings.temperature,
+        cur = vocab_parallel_logprobs(logits, mb["targets"], parallel.tp_group(), temperature=settings.temperature,
                                       compute_entropy=needs_entropy, entropy_grad=loss.loss_config.entropy_coef > 0,
                                       vocab_size=settings.vocab_size)
         ctx = A.AlgoContext(

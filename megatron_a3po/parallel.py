@@ -122,6 +122,13 @@ def tp_size() -> int:
     return ps.get_tensor_model_parallel_world_size()
 
 
+def tp_group():
+    """The TP process group for vocab-parallel reductions, or None without tensor parallelism."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
 def pp_rank() -> int:
     from megatron.core import parallel_state as ps
 

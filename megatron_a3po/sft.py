@@ -64,7 +64,6 @@ def run(cfg, arch, hf_cfg, args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_a3po import parallel
-    from megatron_a3po.experience import _tp_group
     from megatron_a3po.hf_export import export_hf
     from megatron_a3po.logprobs import vocab_parallel_logprobs
     from megatron_a3po.model_runner import PolicyModel
@@ -89,7 +88,7 @@ def run(cfg, arch, hf_cfg, args) -> int:
                  for i in range(0, len(picked) // parallel.dp_size(), t.micro_batch_size)]
 
         def loss_fn(logits, mb):
-            lp = vocab_parallel_logprobs(logits, mb["targets"], _tp_group(), vocab_size=arch.vocab_size).logprobs
+            lp = vocab_parallel_logprobs(logits, mb["targets"], parallel.tp_group(), vocab_size=arch.vocab_size).logprobs
             nll = -(lp * mb["mask"]).sum()
             return nll / total, {"nll": nll.detach()}
 
