@@ -32,6 +32,24 @@ class PhaseTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
+def progress_enabled() -> bool:
+    """Progress bars on rank 0 only; A3PO_PROGRESS=0 turns them off (e.g. for plain cluster logs)."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    return rank0 and os.environ.get("A3PO_PROGRESS", "1") != "0"
+
+
+def progress(iterable, desc: str, total: int | None = None, leave: bool = False):
+    """tqdm on rank 0 (stderr; redrawn at most once a second when stderr is not a terminal), else the iterable."""
+    if not progress_enabled():
+        return iterable
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 1.0)
+
+
 def _add(stats: dict, name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     values = values.float()
     if mask is not None:
@@ -63,9 +81,15 @@ def step_statistics(exp, weights, loss_outputs: list[dict]) -> dict:
         _add(stats, "a3po/shaped_token_fraction", shaped.float(), mask)
     for out in loss_outputs:
         for key, value in out.items():
-            if value.dim() == 0:
+            if key.startswith("n_"):  # token counts: summed, then turned into exact ratios after the reduction
+                stats[key] = (stats.get(key, (0.0,))[0] + value.item(), "sum")
+            elif value.dim() == 0:
                 _add(stats, f"loss/{key}", value.reshape(1))
     return stats
+
+
+# ratio metric <- (numerator count, denominator count), both summed over micro-batches and ranks
+_COUNT_RATIOS = {"pos/clipfrac": ("n_clipped_pos", "n_tokens_pos"), "neg/clipfrac": ("n_clipped_neg", "n_tokens_neg")}
 
 
 def reduce_statistics(local: dict) -> dict:
@@ -83,7 +107,11 @@ def reduce_statistics(local: dict) -> dict:
             else:
                 total, n = merged.get(key, (0.0, 0.0))
                 merged[key] = (total + value, n + count)
-    return {k: (v if isinstance(n, str) else (v / n if n else float("nan"))) for k, (v, n) in merged.items()}
+    out = {k: (v if isinstance(n, str) else (v / n if n else float("nan"))) for k, (v, n) in merged.items()}
+    for name, (num, den) in _COUNT_RATIOS.items():
+        if num in out and den in out:
+            out[name] = out[num] / out[den] if out[den] else float("nan")
+    return {k: v for k, v in out.items() if not k.startswith("n_")}
 
 
 def batch_statistics(batch, rewards: torch.Tensor, n: int) -> dict:
@@ -151,7 +179,8 @@ def plot_run(run_dir: str | Path) -> Path:
 
     rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
     panels = [("reward", ["reward/mean", "reward/accuracy"]), ("validation", ["val/avg@k", "val/pass@k"]),
-              ("entropy", ["pos/entropy", "neg/entropy", "entropy"]), ("length", ["pos/length", "neg/length"])]
+              ("entropy", ["pos/entropy", "neg/entropy", "entropy"]), ("length", ["pos/length", "neg/length"]),
+              ("clip fraction", ["pos/clipfrac", "neg/clipfrac"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:

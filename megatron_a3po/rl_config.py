@@ -136,7 +136,6 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
     if rl.max_consecutive_nan_steps < 0:
         raise ConfigError(f"--max-consecutive-nan-steps must be >= 0 (0: never stop), "
                           f"got {rl.max_consecutive_nan_steps}")
-    if rl.dynamic_sampling:
-        # data.DynamicSampler implements the bookkeeping; the trainer does not drive it yet.
-        raise ConfigError("--dynamic-sampling is not wired into the trainer yet; drop the flag (each step then "
-                          "trains on every group, all-correct / all-wrong groups contributing zero advantage)")
+    if rl.max_num_gen_batches < 0:
+        raise ConfigError(f"--max-num-gen-batches must be >= 0 (rounds of generation per step with "
+                          f"--dynamic-sampling; 0: no cap), got {rl.max_num_gen_batches}")

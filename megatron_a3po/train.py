@@ -232,9 +232,10 @@ def _stopped(cfg, trainer, checkpointer) -> int:
 
 
 def _progress(step: int, m: dict) -> None:
-    print(f"[step {step}] reward {m['reward/mean']:.3f} acc {m['reward/accuracy']:.3f} "
-          f"len {m['response/length_mean']:.1f} entropy {m.get('entropy', float('nan')):.3f} "
-          f"grad_norm {m['train/grad_norm']:.3f} mismatch {m.get('mismatch/logp_abs_mean', float('nan')):.1e} "
+    nan = float("nan")
+    print(f"[step {step}] reward {m.get('reward/mean', nan):.3f} acc {m.get('reward/accuracy', nan):.3f} "
+          f"len {m.get('response/length_mean', nan):.1f} entropy {m.get('entropy', nan):.3f} "
+          f"grad_norm {m.get('train/grad_norm', nan):.3f} mismatch {m.get('mismatch/logp_abs_mean', nan):.1e} "
           f"pos/neg {m.get('pos/count', 0):.0f}/{m.get('neg/count', 0):.0f}  "
           + " ".join(f"{k[5:]} {v:.1f}s" for k, v in m.items() if k.startswith("time/")), flush=True)
 

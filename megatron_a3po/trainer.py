@@ -8,6 +8,8 @@ Everything else (parallel state, the model, vLLM, algorithms, data, metrics) liv
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -15,9 +17,10 @@ from megatron_a3po import algorithms as A
 from megatron_a3po import metrics as M
 from megatron_a3po import parallel
 from megatron_a3po.checkpointing import injected_nan_step
+from megatron_a3po.data import DynamicSampler
 from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
                                       local_rows, train_mini_batch)
-from megatron_a3po.rollout.sampling import SamplingConfig
+from megatron_a3po.rollout.sampling import SamplingConfig, select_groups
 
 
 class RLTrainer:
@@ -57,7 +60,8 @@ class RLTrainer:
         self.engine.refit(self.policy.hf_state())
         before = self.val_before if self.val_before is not None else \
             self.evaluate(step=self.start_step - 1)["val/avg@k"]
-        for step in range(self.start_step, self.rl.train_steps + 1):
+        steps = range(self.start_step, self.rl.train_steps + 1)
+        for step in M.progress(steps, desc="RL steps", leave=True):
             metrics = self.step(step)
             if self.rl.eval_interval and step % self.rl.eval_interval == 0 and step != self.rl.train_steps:
                 metrics.update(self.evaluate(step, log=False))
@@ -76,17 +80,12 @@ class RLTrainer:
 
     def step(self, step: int) -> dict:
         timer = M.PhaseTimer()
-        # 1. Rollout: vLLM generates n responses per prompt (every rank ends up with the whole batch).
-        with timer("rollout"):
-            items = [self.train_data[i] for i in self.sampler.next_indices(self.rl.rollout_batch_size)]
-            batch = self.engine.generate([it.prompt_ids for it in items], self.sampling, self.tokenizer.pad_token_id,
-                                         step=step)
-            self.engine.sleep()  # CUDA: free vLLM's KV cache and weights for training (no-op on CPU)
-        # 2. Reward: verifiable outcome reward per response.
-        with timer("reward"):
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
-            truths = [it.ground_truth for it in items for _ in range(self.rl.rollout_n)]
-            rewards = torch.tensor(self.reward_fn.batch(texts, truths), dtype=torch.float32)
+        # 1-2. Rollout (vLLM, n responses per prompt; every rank ends up with the whole batch) and verifiable
+        # outcome reward; with dynamic sampling, only prompt groups whose rewards vary (more rounds if needed).
+        batch, rewards, sampling_metrics = self.collect_rollouts(step, timer)
+        self.engine.sleep()  # CUDA: free vLLM's KV cache and weights for training (no-op on CPU)
+        if batch is None:  # dynamic sampling found no full mini-batch of informative groups: nothing to train on
+            return {**sampling_metrics, **timer.as_metrics(), "train/skipped_updates": 0.0}
         # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A).
         adv = self.advantage_fn(rewards, batch.response_mask.bool(), self.rl.rollout_n)
         mini_rows = self.rl.ppo_mini_batch_size * self.rl.rollout_n
@@ -112,14 +111,14 @@ class RLTrainer:
                                 self.shaper_name if self.shaper is not None and A.shaper_phase(self.shaper) ==
                                 "microbatch" else None, None, step, self.rl.train_steps)
             per_rank = mini_rows // parallel.dp_size()
+            starts = [s for _ in range(self.rl.ppo_epochs) for s in range(0, len(exp), per_rank)]
             updates, loss_outputs = [], []
-            for _ in range(self.rl.ppo_epochs):
-                for start in range(0, len(exp), per_rank):
-                    stats, outs = train_mini_batch(self.policy, exp.rows(slice(start, start + per_rank)),
-                                                   self.cfg.training.micro_batch_size, self.logprob_settings, loss,
-                                                   max_len=self.rl.max_response_length)
-                    updates.append(stats)
-                    loss_outputs += outs
+            for start in M.progress(starts, desc=f"step {step} updates"):
+                stats, outs = train_mini_batch(self.policy, exp.rows(slice(start, start + per_rank)),
+                                               self.cfg.training.micro_batch_size, self.logprob_settings, loss,
+                                               max_len=self.rl.max_response_length)
+                updates.append(stats)
+                loss_outputs += outs
         # 7. Refit: stream the updated weights into vLLM through the shared HF mapping.
         with timer("refit"):
             self.engine.refit(self.policy.hf_state())
@@ -128,11 +127,53 @@ class RLTrainer:
         metrics = M.reduce_statistics(local)
         metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n))
         metrics.update(M.update_statistics(updates))
+        metrics.update(sampling_metrics)
         metrics.update(timer.as_metrics())
         if self.shaper_name == "a3po":
             metrics["a3po/weight_pos"] = _a3po_weight(self.shaper_config, step, positive=True)
             metrics["a3po/weight_neg"] = _a3po_weight(self.shaper_config, step, positive=False)
         return metrics
+
+    def collect_rollouts(self, step: int, timer) -> tuple:
+        """(batch, rewards, metrics) of this step's training prompts.
+
+        Dynamic sampling (DAPO): groups whose n rewards are all equal have zero advantage and only dilute the
+        batch, so rounds of `rollout_batch_size` prompts are generated until that many informative groups are
+        kept (at most `max_num_gen_batches` rounds). A short batch trains on whole mini-batches only; None when
+        not even one was kept.
+        """
+        n, pad = self.rl.rollout_n, self.tokenizer.pad_token_id
+        keeper = DynamicSampler(self.rl.rollout_batch_size, self.rl.max_num_gen_batches) \
+            if self.rl.dynamic_sampling else None
+        generated = correct = 0
+        for round_ in itertools.count():
+            with timer("rollout"):
+                items = [self.train_data[i] for i in self.sampler.next_indices(self.rl.rollout_batch_size)]
+                batch = self.engine.generate([it.prompt_ids for it in items], self.sampling, pad, step=step,
+                                             round=round_)
+            with timer("reward"):
+                texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
+                truths = [it.ground_truth for it in items for _ in range(n)]
+                rewards = torch.tensor(self.reward_fn.batch(texts, truths), dtype=torch.float32)
+            if keeper is None:
+                return batch, rewards, {}
+            generated, correct = generated + len(rewards), correct + int((rewards > 0).sum())
+            keeper.add(rewards.view(-1, n).tolist(), [(batch, g, rewards[g * n:(g + 1) * n]) for g in range(len(items))])
+            if keeper.done:
+                break
+        kept, stats = keeper.take()
+        metrics = {f"dynamic/{k}": float(v) for k, v in stats.items()}
+        metrics["dynamic/generated_accuracy"] = correct / generated
+        usable = len(kept) // self.rl.ppo_mini_batch_size * self.rl.ppo_mini_batch_size
+        metrics["dynamic/trained_prompts"] = float(usable)
+        if usable < len(kept) and parallel.is_rank0():
+            print(f"warning: step {step}: dynamic sampling kept {len(kept)} of {self.rl.rollout_batch_size} prompt "
+                  f"groups in {stats['rounds']} rounds (--max-num-gen-batches); training on {usable}. Raise "
+                  "--max-num-gen-batches, or use easier/harder-balanced data", flush=True)
+        if usable == 0:
+            return None, None, metrics
+        kept = kept[:usable]
+        return (select_groups([(b, g) for b, g, _ in kept], pad), torch.cat([r for _, _, r in kept]), metrics)
 
     # ---- evaluation -------------------------------------------------------------------------------------------
 

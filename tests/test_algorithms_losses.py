@@ -31,6 +31,11 @@ def test_ppo_clip_hand_computed_values_and_gradients():
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5, 1.5, 0.0, 0.0, -1.1]]), rtol=0, atol=1e-6)
     assert float(metrics["clipfrac"]) == pytest.approx(2 / 6)
     assert float(metrics["clipfrac_lower"]) == pytest.approx(1 / 6)
+    # ratio 1.5 > 1.28 with A > 0 is clipped high; ratio 0.5 < 0.8 with A < 0 is clipped low
+    assert float(metrics["clipfrac_high"]) == pytest.approx(1 / 6)
+    assert float(metrics["clipfrac_low"]) == pytest.approx(1 / 6)
+    assert [float(metrics[k]) for k in ("n_clipped_pos", "n_tokens_pos", "n_clipped_neg", "n_tokens_neg")] == \
+        [1.0, 3.0, 1.0, 3.0]
 
 
 def test_ppo_clip_dual_clip_off_and_custom_c():

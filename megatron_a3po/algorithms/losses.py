@@ -98,7 +98,14 @@ def _clipped_pg(adv, ratio, cfg, mask, metrics):
     pg2 = -adv * ratio.clamp(1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
     clipped = torch.maximum(pg1, pg2)
     with torch.no_grad():
-        metrics["clipfrac"] = masked_mean((pg2 > pg1).float(), mask)
+        cut = pg2 > pg1  # A > 0: ratio above 1 + high; A < 0: ratio below 1 - low
+        metrics["clipfrac"] = masked_mean(cut.float(), mask)
+        metrics["clipfrac_high"] = masked_mean((cut & (adv > 0)).float(), mask)
+        metrics["clipfrac_low"] = masked_mean((cut & (adv < 0)).float(), mask)
+        # Token counts (summed over micro-batches and ranks) for the exact per-polarity clip fractions.
+        for name, side in (("pos", adv > 0), ("neg", adv < 0)):
+            metrics[f"n_clipped_{name}"] = (cut & side & mask.bool()).sum().float()
+            metrics[f"n_tokens_{name}"] = (side & mask.bool()).sum().float()
     if cfg.dual_clip_c is None:
         return clipped, pg1
     pg3 = -adv * cfg.dual_clip_c

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_a3po.metrics import progress_enabled
 from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
 
 
@@ -67,15 +68,20 @@ class RolloutEngine:
 
     # ---- generation -------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int, step: int = 0) -> RolloutBatch:
-        """Generate `sampling.n` responses per prompt; collective over all ranks; returns the whole batch."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int, step: int = 0,
+                 round: int = 0) -> RolloutBatch:
+        """Generate `sampling.n` responses per prompt; collective over all ranks; returns the whole batch.
+
+        `round` > 0: a further generation round of the same step (dynamic sampling), with random draws of its own.
+        """
         sampling.validate()
         self.wake_up()
         share = _split(list(range(len(prompts))), self.num_groups)[self.group]
         # One seed per prompt, spaced by n (vLLM gives sample j seed + j): no two prompts, samples or steps share
         # random draws, and rollouts do not depend on how many rollout groups there are.
-        params = [sampling.to_vllm(seed_offset=(step * len(prompts) + i) * sampling.n) for i in share]
-        outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params, use_tqdm=False) \
+        params = [sampling.to_vllm(seed_offset=(step * len(prompts) + i) * sampling.n + (round << 40)) for i in share]
+        outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params,
+                                    use_tqdm=progress_enabled()) \
             if share else []
         local = [_unpack(out) for out in outputs]
         gathered = [None] * dist.get_world_size()

@@ -91,3 +91,19 @@ def pack_rollouts(prompts: list[list[int]], responses: list[list[list[int]]], lo
         response_lengths=torch.tensor([len(r) for _, r, _, _ in rows], dtype=torch.long),
         responses=[list(r) for _, r, _, _ in rows], group_size=n,
     )
+
+
+def select_groups(parts: list[tuple[RolloutBatch, int]], pad_id: int) -> RolloutBatch:
+    """One batch from whole prompt groups of several rollout batches: parts = [(batch, group index), ...].
+
+    Dynamic sampling keeps groups from different generation rounds, which were padded to different widths.
+    """
+    prompts, responses, logprobs, truncated = [], [], [], []
+    for batch, group in parts:
+        rows = range(group * batch.group_size, (group + 1) * batch.group_size)
+        start = int(batch.prompt_lengths[rows[0]])
+        prompts.append(batch.tokens[rows[0], :start].tolist())
+        responses.append([batch.responses[r] for r in rows])
+        logprobs.append([batch.rollout_logprobs[r, start: start + len(batch.responses[r])].tolist() for r in rows])
+        truncated.append([bool(batch.truncated[r]) for r in rows])
+    return pack_rollouts(prompts, responses, logprobs, truncated, pad_id)
