@@ -8,8 +8,14 @@ import sys
 
 
 def a3po(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # takes every training flag too: plan_cli parses its own arguments
+        from megatron_a3po.plan_cli import main as plan_main
+
+        return plan_main(argv[1:])
     parser = argparse.ArgumentParser(prog="a3po", description="megatron-a3po utilities")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("plan", help="per-GPU memory plan of a config on a GPU cluster (a3po plan --help)")
     plot = sub.add_parser("plot", help="write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir")
     args = parser.parse_args(argv)

@@ -1,0 +1,150 @@
+"""`a3po plan --config FILE [--config OVERLAY] --nodes N --gpus-per-node G --gpu-memory 141GiB [train flags]`.
+
+Prints the per-GPU memory table of megatron_a3po.planner, whether the job fits, and which single knob makes it
+fit if it does not. Exit 0 when it fits, 1 when it does not, 2 on a usage error. Any training flag (e.g.
+--micro-batch-size 4) overrides the config, exactly as for megatron_a3po.train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_a3po import config as C
+from megatron_a3po import planner as P
+
+GiB = P.GiB
+
+
+def resolve_arch(cfg) -> tuple[object, str]:
+    """(ModelArch, where it came from): the model's config.json, a converted checkpoint, or the known table."""
+    from megatron_a3po.models import families
+    from megatron_a3po.models.known_archs import PAPER_MODELS
+
+    hf = cfg.model.hf_path
+    if hf and Path(hf, "config.json").is_file():
+        return families.load_hf_arch(hf)[0], f"{hf}/config.json"
+    if cfg.training.load:
+        try:
+            from megatron_a3po.models.megatron_ckpt import read_meta
+
+            return read_meta(cfg.training.load).arch, f"{cfg.training.load} (a3po-convert metadata)"
+        except (OSError, ValueError, KeyError):
+            pass
+    if hf and Path(hf).name in PAPER_MODELS:
+        return families.arch_from_hf_config(PAPER_MODELS[Path(hf).name]), f"known architecture of {Path(hf).name}"
+    if cfg.model.tiny_model:
+        from megatron_a3po.models import tiny
+
+        return families.arch_from_hf_config(tiny.hf_config(cfg.model.tiny_model).to_dict()), "tiny model"
+    raise C.ConfigError(f"no architecture for --hf-path {hf}: no config.json there and not one of the known models "
+                        "(megatron_a3po/models/known_archs.py); point --hf-path at a dir with the model's config.json")
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:7.1f}"
+
+
+def report(name: str, cfg, arch, source: str, layout: P.Layout, plan: P.Plan) -> str:
+    p, m, t, rl = cfg.parallel, cfg.model, cfg.training, cfg.rl
+    L, n = plan.lines, plan.notes
+    dp = int(n["dp"])
+    precision = "bf16" if m.bf16 else "fp16" if m.fp16 else "fp32"
+    opt = "fp32 master + Adam m,v" + (f", sharded /{dp * p.context_parallel_size}" if t.use_distributed_optimizer
+                                         else ", not sharded")
+    rows = [
+        (f"weights ({precision}, {n['params_per_gpu']} of {n['params']} params)", L["weights"]),
+        ("gradients (fp32 main grads)", L["gradients"]),
+        (f"optimizer ({opt})", L["optimizer"]),
+        (f"activations (recompute {m.recompute_granularity or 'none'}, micro-batch {t.micro_batch_size}, "
+         f"seq {n['seq']}{', flash attn' if m.transformer_impl != 'local' else ''})", L["activations"]),
+        ("logits fp32 + log-prob/entropy chunks", L["logits"]),
+        (f"vLLM budget ({rl.gpu_memory_utilization:.2f} x {layout.gpu_memory / GiB:.0f} GiB, rollout TP "
+         f"{rl.rollout_tensor_parallel_size})", L["vllm"]),
+        ("  of which vLLM weights", L["vllm_weights"]),
+        (f"  of which KV cache ({plan.kv_tokens / 1e3:.0f}k tokens = "
+         f"{plan.kv_tokens / plan.max_model_len:.0f} x {plan.max_model_len}-token sequences)", L["vllm_kv_cache"]),
+        ("refit gather buffer (2 x largest tensor)", L["refit"]),
+        ("reserve (CUDA context, NCCL, fragmentation)", L["reserve"]),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    out = [f"{name}: {layout.nodes} node(s) x {layout.gpus_per_node} GPUs, {layout.gpu_memory / GiB:.0f} GiB each",
+           f"model: {arch.family}, {n['params']} params ({source}); TP {p.tensor_model_parallel_size} PP "
+           f"{p.pipeline_model_parallel_size} CP {p.context_parallel_size} DP {dp}, sequence parallel "
+           f"{'on' if p.sequence_parallel else 'off'}, distributed optimizer "
+           f"{'on' if t.use_distributed_optimizer else 'off'}",
+           f"{'per GPU':<{width}}    GiB"]
+    out += [f"{label:<{width}}{_gib(value)}" for label, value in rows]
+    state = L["weights"] + L["gradients"] + L["optimizer"]
+    out += [f"{'peak, training (model state + activations + logits + reserve)':<{width}}{_gib(plan.train_peak)}",
+            f"{'peak, rollout (model state + vLLM + refit + reserve)':<{width}}{_gib(plan.rollout_peak)}",
+            f"model state {state / GiB:.1f} GiB; largest gpu_memory_utilization that fits: {plan.max_utilization:.2f}"]
+    if plan.fits:
+        headroom = plan.limit - max(plan.train_peak, plan.rollout_peak)
+        out.append(f"FITS: {headroom / GiB:.1f} GiB headroom per GPU")
+    else:
+        out += [f"DOES NOT FIT: {problem}" for problem in plan.problems]
+    return "\n".join(out)
+
+
+def advice(cfg, arch, layout: P.Layout) -> list[str]:
+    lines = []
+    for flag, alt in P.suggestions(cfg, arch, layout, layout.gpus_per_node):
+        verdict = "fits" if alt.fits else "still does not fit"
+        lines.append(f"  try {flag}: training {alt.train_peak / GiB:.1f} GiB, rollout {alt.rollout_peak / GiB:.1f} "
+                     f"GiB, KV {alt.kv_tokens / 1e3:.0f}k tokens -> {verdict}")
+    if not any("-> fits" in line for line in lines):
+        lines.append("  no single knob suffices: combine the ones above, add nodes/GPUs, or pick a smaller model")
+    return lines
+
+
+def markdown_row(name: str, cfg, layout: P.Layout, plan: P.Plan) -> str:
+    p, L = cfg.parallel, plan.lines
+    state = L["weights"] + L["gradients"] + L["optimizer"]
+    layout_text = (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} DP{plan.notes['dp']}, "
+                   f"rollout TP{cfg.rl.rollout_tensor_parallel_size}")
+    cells = [name, plan.notes["params"], layout_text, f"{state / GiB:.1f}",
+             f"{(L['activations'] + L['logits']) / GiB:.1f}", f"{L['vllm'] / GiB:.1f}",
+             f"{L['vllm_kv_cache'] / GiB:.1f} ({plan.kv_tokens / plan.max_model_len:.0f} seq)",
+             f"{plan.train_peak / GiB:.1f}", f"{plan.rollout_peak / GiB:.1f}", "yes" if plan.fits else "**no**"]
+    return "| " + " | ".join(cells) + " |"
+
+
+MARKDOWN_HEADER = ("| config | params | layout | model state | activations + logits | vLLM budget | KV cache | "
+                   "training peak | rollout peak | fits |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="a3po plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory", default="141GiB", help="memory of one GPU, e.g. 141GiB (H200), 80GiB")
+    parser.add_argument("--reserve", default="6GiB", help="per GPU, for the CUDA context, NCCL and fragmentation")
+    parser.add_argument("--markdown", action="store_true", help="print one markdown table row (with header)")
+    known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if known.nodes < 1 or known.gpus_per_node < 1:
+            raise ValueError("--nodes and --gpus-per-node must be >= 1")
+        layout = P.Layout(known.nodes, known.gpus_per_node, P.parse_memory(known.gpu_memory),
+                          P.parse_memory(known.reserve))
+        cfg, args = C.parse_args(rest)
+        if not args.config:
+            raise C.ConfigError("give --config FILE (a paper setup, e.g. configs/qwen3-8b-base_a3po.yaml)")
+        arch, source = resolve_arch(cfg)
+        C._validate_against_arch(cfg, arch)  # TP must divide heads / query groups, PP the layers
+        result = P.plan(cfg, arch, layout)
+    except (C.ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    name = " + ".join(Path(c).stem for c in args.config)
+    if known.markdown:
+        print(MARKDOWN_HEADER)
+        print(markdown_row(name, cfg, layout, result))
+    else:
+        print(report(name, cfg, arch, source, layout, result))
+        if not result.fits:
+            print("to make it fit, change one of:")
+            print("\n".join(advice(cfg, arch, layout)))
+    return 0 if result.fits else 1
