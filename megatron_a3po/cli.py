@@ -13,9 +13,14 @@ def a3po(argv: list[str] | None = None) -> int:
         from megatron_a3po.plan_cli import main as plan_main
 
         return plan_main(argv[1:])
+    if argv[:1] == ["eval"]:  # vLLM evaluation on local benchmark files (docs/evaluation.md)
+        from megatron_a3po.evaluation.cli import run as eval_main
+
+        return eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="a3po", description="megatron-a3po utilities")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="per-GPU memory plan of a config on a GPU cluster (a3po plan --help)")
+    sub.add_parser("eval", help="evaluate an HF checkpoint on benchmarks (a3po eval --help)")
     plot = sub.add_parser("plot", help="write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir")
     args = parser.parse_args(argv)
