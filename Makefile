@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV_STAMP := .venv/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup clean
+.PHONY: test demo setup clean docker-check docker-requirements
 
 $(VENV_STAMP): pyproject.toml uv.lock launch/setup_env.sh
 	bash launch/setup_env.sh
@@ -16,6 +16,14 @@ test: $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
 	bash launch/demo.sh
+
+# The Docker image's GPU dependency set (launch/docker/requirements-gpu.txt, from uv.lock) is current and resolves
+# for Python 3.12 on x86_64 Linux from wheels: metadata only, no Docker needed.
+docker-check:
+	bash launch/docker/deps.sh check
+
+docker-requirements:
+	bash launch/docker/deps.sh export
 
 clean:
 	rm -rf .venv .uv-bootstrap .pytest_cache

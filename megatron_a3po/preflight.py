@@ -8,7 +8,8 @@ first checkpoint). These checks take seconds and name the problem and the fix:
   - --save and --output-dir are writable (checked by writing a probe file);
   - /dev/shm is large enough (NCCL and vLLM use it; Docker's default is 64 MiB);
   - MASTER_ADDR resolves, and on node 0 MASTER_PORT is free;
-  - NPROC_PER_NODE does not exceed the visible GPUs.
+  - NPROC_PER_NODE does not exceed the visible GPUs, and vLLM's and Transformer Engine's kernels load with this
+    torch (an image whose torch differs from their builds fails here, not at the first rollout).
 Usage: `NNODES=.. NPROC_PER_NODE=.. MASTER_ADDR=.. MASTER_PORT=.. python -m megatron_a3po.preflight TRAIN_FLAGS`.
 Exit 0 when all pass, 2 with one `preflight error:` line per problem otherwise.
 """
@@ -125,10 +126,19 @@ def _check_gpus(nproc: int) -> list[str]:
     if not torch.cuda.is_available():
         return []  # CPU/gloo development runs: any number of ranks
     gpus = torch.cuda.device_count()
+    problems = []
     if nproc > gpus:
-        return [f"NPROC_PER_NODE={nproc} but this node sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
-                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch one rank per GPU"]
-    return []
+        problems.append(f"NPROC_PER_NODE={nproc} but this node sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch one rank per GPU")
+    # Compiled kernels built against another torch fail only at first use otherwise (undefined symbol).
+    for module in ("vllm._C", "transformer_engine.pytorch"):
+        try:
+            __import__(module)
+        except (ImportError, OSError) as err:
+            problems.append(f"cannot load {module} with torch {torch.__version__} (CUDA {torch.version.cuda}): {err}; "
+                            "use an image whose torch matches vLLM's and Transformer Engine's builds (Dockerfile "
+                            "NGC_TAG) or rebuild them against this torch")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
