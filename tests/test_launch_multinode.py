@@ -95,6 +95,41 @@ def test_launch_scripts_parse_and_pass_flags_through(tmp_path):
     assert proc.returncode == 2 and "unrecognized arguments: --no-such-megatron-flag 7" in proc.stderr, proc.stderr
 
 
+def test_sbatch_sets_up_the_rendezvous_and_resumes_from_save_dir(tmp_path):
+    """The sbatch script's own logic with SLURM's two commands replaced (no SLURM here): `scontrol` lists the
+    allocation, `srun` prints what each node would run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    (bin_dir / "srun").write_text('#!/bin/bash\necho "NNODES=$NNODES MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT '
+                                  'NPROC_PER_NODE=$NPROC_PER_NODE RDZV_ID=$RDZV_ID NCCL_IB_TIMEOUT=$NCCL_IB_TIMEOUT"\n'
+                                  'echo "srun $*"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NAME": "a3po",
+           "SLURM_GPUS_ON_NODE": "8", "LOG_DIR": str(tmp_path / "logs")}
+    sbatch = ["bash", str(REPO / "launch/slurm/a3po.sbatch"), "--config", "configs/qwen3-8b-base_a3po.yaml",
+              "--load", "/ckpt/qwen3-8b-base"]
+
+    out = subprocess.run(sbatch, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert ("NNODES=2 MASTER_ADDR=gpu-node-07 MASTER_PORT=24242 NPROC_PER_NODE=8 RDZV_ID=4242 NCCL_IB_TIMEOUT=22"
+            in out.stdout)
+    assert (f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 --output {tmp_path}/logs/node%n.log bash launch/node.sh "
+            "--config configs/qwen3-8b-base_a3po.yaml --load /ckpt/qwen3-8b-base") in out.stdout
+    # A requeued job (preemption): SAVE_DIR holds a checkpoint, so --load SAVE_DIR is added after the user's flags
+    save = tmp_path / "save"
+    save.mkdir()
+    out = subprocess.run(sbatch, env={**env, "SAVE_DIR": str(save), "NCCL_IB_TIMEOUT": "20"}, capture_output=True,
+                         text=True, timeout=30)
+    assert f"--load /ckpt/qwen3-8b-base --save {save}\n" in out.stdout and "NCCL_IB_TIMEOUT=20" in out.stdout
+    (save / "latest").write_text("step_000040\n")
+    out = subprocess.run(sbatch, env={**env, "SAVE_DIR": str(save)}, capture_output=True, text=True, timeout=30)
+    assert f"resuming from {save} (step_000040)" in out.stdout
+    assert f"--load /ckpt/qwen3-8b-base --save {save} --load {save}\n" in out.stdout
+
+
 def test_docker_run_node_passes_secrets_by_name_only(tmp_path):
     """run_node.sh with DOCKER=echo prints the docker command it would run: WANDB_API_KEY goes in by name
     (-e WANDB_API_KEY), never its value, and the training flags are passed unchanged."""
