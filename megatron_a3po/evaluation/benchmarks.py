@@ -50,7 +50,7 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
 def infer_kind(row: dict) -> str:
     if row.get("task"):
         return kind_of(str(row["task"]))
-    if any(k in row for k in ("tests", "public_test_cases", "input_output")):
+    if any(k in row for k in ("tests", "public_test_cases", "private_test_cases", "input_output")):
         return "code"
     if any(k in row for k in ("options", "choices", "Correct Answer")):
         return "multiple_choice"
@@ -168,9 +168,8 @@ def load_benchmark(name: str, path: str | Path, kind: str | None = None, *, seed
         try:
             if not isinstance(row, dict):
                 raise ValueError(getattr(row, "problem", None) or f"row is a {type(row).__name__}, expected an object")
-            row_kind = infer_kind(row) if kind is None else kind
-            if kind is None and row.get("task") is None and items and row_kind != items[0].kind:
-                row_kind = items[0].kind  # inference is by the first row; columns may legitimately vary
+            # Inferred from the first good row; later rows are checked against that kind's schema.
+            row_kind = kind or (items[0].kind if items and row.get("task") is None else infer_kind(row))
             if row.get("task") is not None and kind_of(str(row["task"])) != (kind or row_kind):
                 raise ValueError(f"'task' is {row['task']!r} but this benchmark is {kind or row_kind}; use one "
                                  "task kind per file")

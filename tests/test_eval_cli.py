@@ -1,0 +1,91 @@
+"""`a3po eval` end to end on a tiny random model (vLLM CPU): one jsonl per task kind; the results JSON holds
+every benchmark with the right counts. The same engine then serves `evaluate_items`, the trainer's call."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megatron_a3po.spawn import run_in_ranks
+
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("eval")
+    model = str(write_tiny_hf_checkpoint(d / "m", "qwen2", seed=0))
+    files = {
+        "math": _write(d / "math.jsonl", [{"problem": f"{i}+1?", "answer": str(i + 1)} for i in range(3)]),
+        "mc": _write(d / "mc.jsonl", [{"question": "Q?", "options": ["a", "b", "c"], "answer": "B"}] * 2),
+        "code": _write(d / "code.jsonl", [{"question": "echo", "tests": [{"input": "1\n", "output": "1\n"}]}]),
+    }
+    return d, model, files
+
+
+def test_cli_end_to_end(tiny):
+    d, model, files = tiny
+    out = d / "results.json"
+    cmd = \
+        [sys.executable, "-c", "import sys; from megatron_a3po.cli import a3po; sys.exit(a3po(sys.argv[1:]))", "eval"]
+    proc = subprocess.run(cmd + ["--model", model, "--benchmark", f"m={files['math']}",
+                                 "--benchmark", f"g={files['mc']}:mc", "--benchmark", f"c={files['code']}",
+                                 "--n", "4", "--max-new-tokens", "8", "--dtype", "float32", "--cpu-kv-cache-gb", "1",
+                                 "--output", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert list(res["benchmarks"]) == ["m", "g", "c"]
+    for name, items, kind in [("m", 3, "math"), ("g", 2, "multiple_choice"), ("c", 1, "code")]:
+        b = res["benchmarks"][name]
+        s = b["summary"]
+        assert s["kind"] == kind and s["items"] == items and s["n"] == 4
+        assert set(s) >= {"avg@4", "pass@1", "pass@2", "pass@4", "length_mean", "truncated_fraction"}
+        assert len(b["items"]) == items and all(len(it["correct"]) == 4 for it in b["items"])
+        assert len(b["samples"]) == items and all(len(x) == 4 for x in b["samples"])
+        assert 0 < s["length_mean"] <= 8
+    assert set(res["average"]) >= {"avg@4", "pass@4"} and res["sandbox"]["namespaces"] in (True, False)
+    assert "| m | math | 3 |" in proc.stdout and "**average**" in proc.stdout
+
+
+def test_cli_refuses_bad_input(tiny, tmp_path):
+    from megatron_a3po.cli import a3po
+
+    d, model, files = tiny
+    assert a3po(["eval", "--model", str(tmp_path), "--benchmark", f"m={files['math']}", "--output", "x.json"]) == 2
+    bad = _write(tmp_path / "bad.jsonl", [{"problem": "x"}])
+    assert a3po(["eval", "--model", model, "--benchmark", f"m={bad}:math", "--output", "x.json"]) == 2
+
+
+def _trainer_call(model):
+    """What RLTrainer.evaluate does: data.PromptItems, its reward function, the shared engine."""
+    from transformers import AutoTokenizer
+
+    from megatron_a3po.data import PromptDataset
+    from megatron_a3po.evaluation.runner import evaluate_items
+    from megatron_a3po.rewards import get_reward_fn, make_arithmetic_dataset
+    from megatron_a3po.rollout.engine import RolloutEngine
+    from megatron_a3po.rollout.sampling import SamplingConfig
+
+    tok = AutoTokenizer.from_pretrained(model)
+    items = PromptDataset.from_dicts(make_arithmetic_dataset(5, seed=0), tok, max_prompt_length=64,
+                                     raw_prompt=True).items
+    engine = RolloutEngine(model, max_model_len=128, load_format="auto")
+    sampling = SamplingConfig(n=4, temperature=0.6, top_p=0.95, max_new_tokens=4, seed=7)
+    return evaluate_items(engine, tok, items, sampling, reward_fn=get_reward_fn("arithmetic"), step=10_000)
+
+
+def test_evaluate_items_for_the_trainer(tiny):
+    _, model, _ = tiny
+    out = run_in_ranks(_trainer_call, 1, (model,), timeout=600, env=ENV)[0]
+    assert out["items"] == 5 and out["n"] == 4
+    assert set(out) >= {"avg@4", "pass@1", "pass@2", "pass@4", "length_mean", "truncated_fraction"}
+    assert 0 <= out["avg@4"] <= out["pass@4"] <= 1 and out["length_max"] <= 4
