@@ -222,7 +222,7 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
         raise ConfigError(f"--transformer-impl must be auto, transformer_engine or local, got {m.transformer_impl!r}")
     _validate_fp8(m)
     if arch is not None:
-        _validate_against_arch(cfg, arch)
+        validate_against_arch(cfg, arch)
 
 
 def _validate_fp8(m: ModelConfig) -> None:
@@ -245,7 +245,7 @@ def _validate_fp8(m: ModelConfig) -> None:
         raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 params and activations)")
 
 
-def _validate_against_arch(cfg: Config, arch) -> None:
+def validate_against_arch(cfg: Config, arch) -> None:
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if arch.num_attention_heads % tp:

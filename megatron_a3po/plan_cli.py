@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.config:
             raise C.ConfigError("give --config FILE (a paper setup, e.g. configs/qwen3-8b-base_a3po.yaml)")
         arch, source = resolve_arch(cfg)
-        C._validate_against_arch(cfg, arch)  # TP must divide heads / query groups, PP the layers
+        C.validate_against_arch(cfg, arch)  # TP must divide heads / query groups, PP the layers
         result = P.plan(cfg, arch, layout)
     except (C.ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
