@@ -204,14 +204,14 @@ def dtype_name(dtype) -> str:
 
 def check_parallel_sizes(arch, tp: int, pp: int) -> None:
     """TP must divide heads and query groups, PP the layers (the same rules, and messages, as training)."""
-    from megatron_a3po.config import Config, ConfigError, _validate_against_arch
+    from megatron_a3po.config import Config, ConfigError, validate_against_arch
 
     if tp < 1 or pp < 1:
         raise ConvertError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     cfg = Config()
     cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
     try:
-        _validate_against_arch(cfg, arch)
+        validate_against_arch(cfg, arch)
     except ConfigError as err:
         raise ConvertError(str(err)) from None
 
