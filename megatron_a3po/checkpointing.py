@@ -16,7 +16,7 @@ leaves the previous checkpoint and `latest` intact.
 
 `--load` accepts a training checkpoint, a `--save` directory (follows `latest`), or a converted checkpoint.
 A training checkpoint resumes everything when the parallel layout (world size, TP, PP, VPP, CP) is unchanged;
-at another layout only weights, LR scheduler, sampler and step are restored (optimizer state and RNG are not).
+at another layout everything but the per-rank RNG states is restored (weights and optimizer re-sharded).
 
 Run guards: `install_nonfinite_guard` makes the Megatron optimizer skip (and report grad_norm nan,
 update_successful False) any update whose gradients hold NaN/Inf on any rank - megatron-core's fp32 / bf16
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_a3po import optimizer_state
 from megatron_a3po.config import ConfigError
 
 MARKER = "a3po_train_state.json"
@@ -160,12 +161,6 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _optimizer_sharded_state(policy, is_loading: bool = False) -> dict:
-    from megatron_a3po.models.megatron_ckpt import sharded_state_dict
-
-    return policy.optimizer.sharded_state_dict(sharded_state_dict(policy.chunks), is_loading=is_loading)
-
-
 class Checkpointer:
     """Writes `save_dir/step_XXXXXX` checkpoints (collective: every rank calls save)."""
 
@@ -198,10 +193,7 @@ class Checkpointer:
             (tmp / OPTIMIZER_DIR).mkdir()
             (tmp / RANK_STATE_DIR).mkdir()
         dist.barrier()
-        with megatron_ckpt._in_process_write_results():
-            from megatron.core import dist_checkpointing
-
-            dist_checkpointing.save(_optimizer_sharded_state(self.policy), str(tmp / OPTIMIZER_DIR))
+        optimizer_state.save(self.policy, tmp / OPTIMIZER_DIR)
         torch.save({"rng": rng_state()}, tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt")
         dist.barrier()
         if rank == 0:
@@ -244,9 +236,7 @@ class Checkpointer:
 
 
 def resume(ckpt_dir: str | Path, policy, sampler) -> tuple[dict, list[str]]:
-    """Collective: restore weights, optimizer, scheduler, RNG and sampler. Returns (train state, notes)."""
-    from megatron.core import dist_checkpointing
-
+    """Collective: restore weights, optimizer, scheduler and sampler (RNG: restore_rng). Returns (state, notes)."""
     from megatron_a3po.models import megatron_ckpt
 
     ckpt_dir = Path(ckpt_dir)
@@ -257,14 +247,16 @@ def resume(ckpt_dir: str | Path, policy, sampler) -> tuple[dict, list[str]]:
     policy.scheduler.override_opt_param_scheduler = True
     policy.scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
-    if state["layout"] == layout():
-        with megatron_ckpt._in_process_write_results():
-            loaded = dist_checkpointing.load(_optimizer_sharded_state(policy, is_loading=True),
-                                             str(ckpt_dir / OPTIMIZER_DIR))
-        policy.optimizer.load_state_dict(loaded)
+    # Either optimizer format re-shards to another TP/PP/DP, but the two formats differ from each other.
+    saved_dist_opt = state.get("config", {}).get("training", {}).get("use_distributed_optimizer", False)
+    if saved_dist_opt == policy.cfg.training.use_distributed_optimizer:
+        optimizer_state.load(policy, ckpt_dir / OPTIMIZER_DIR)
     else:
-        notes.append(f"parallel layout changed ({state['layout']} -> {layout()}): restored weights, LR scheduler, "
-                     "data sampler and step; optimizer state and RNG start fresh")
+        notes.append(f"--use-distributed-optimizer changed ({saved_dist_opt} -> "
+                     f"{policy.cfg.training.use_distributed_optimizer}): the optimizer state starts fresh")
+    if state["layout"] != layout():
+        notes.append(f"parallel layout changed ({state['layout']} -> {layout()}): the checkpoint was re-sharded; "
+                     "per-rank RNG states start fresh")
     return state, notes
 
 

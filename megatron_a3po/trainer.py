@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.distributed as dist
 
 from megatron_a3po import algorithms as A
 from megatron_a3po import metrics as M
 from megatron_a3po import parallel
 from megatron_a3po.checkpointing import injected_nan_step
 from megatron_a3po.data import DynamicSampler
+from megatron_a3po.evaluation.runner import evaluate_items
 from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
                                       local_rows, train_mini_batch)
 from megatron_a3po.rollout.sampling import SamplingConfig, select_groups
@@ -178,17 +178,17 @@ class RLTrainer:
     # ---- evaluation -------------------------------------------------------------------------------------------
 
     def evaluate(self, step: int, log: bool = True) -> dict:
-        """avg@k and pass@k on the held-out prompts with the paper's eval sampling (T=0.6, top_p=0.95)."""
+        """avg@k and pass@k on the held-out prompts with the paper's eval sampling (T=0.6, top_p=0.95), through
+        the same code as `a3po eval` (the training reward decides correctness)."""
         items = [self.eval_data[i] for i in range(min(self.rl.eval_prompts, len(self.eval_data)))]
-        sampling = SamplingConfig(n=self.rl.eval_n, temperature=self.rl.eval_temperature, top_p=self.rl.eval_top_p,
+        k = self.rl.eval_n
+        sampling = SamplingConfig(n=k, temperature=self.rl.eval_temperature, top_p=self.rl.eval_top_p,
                                   max_new_tokens=self.rl.max_response_length, seed=self.cfg.training.seed + 7)
-        batch = self.engine.generate([it.prompt_ids for it in items], sampling, self.tokenizer.pad_token_id,
-                                     step=10_000 + step)
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
-        truths = [it.ground_truth for it in items for _ in range(self.rl.eval_n)]
-        correct = (torch.tensor(self.reward_fn.batch(texts, truths)) > 0).float().view(len(items), self.rl.eval_n)
-        result = {"val/avg@k": correct.mean().item(), "val/pass@k": correct.max(dim=1).values.mean().item(),
-                  "val/k": float(self.rl.eval_n)}
+        out = evaluate_items(self.engine, self.tokenizer, items, sampling, reward_fn=self.reward_fn,
+                             step=10_000 + step)
+        result = {"val/avg@k": out[f"avg@{k}"], "val/pass@k": out[f"pass@{k}"], "val/k": float(k)}
+        result.update({f"val/{name}": float(v) for name, v in out.items()
+                       if name.startswith(("pass@", "length_")) or name == "truncated_fraction"})
         if log:
             self.logger.log(step, result)
         return result
