@@ -189,7 +189,8 @@ def plot_run(run_dir: str | Path) -> Path:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("RL step")
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
     fig.savefig(out, dpi=110)
