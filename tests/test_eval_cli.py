@@ -31,16 +31,25 @@ def tiny(tmp_path_factory):
     return d, model, files
 
 
-def test_cli_end_to_end(tiny):
+def _eval(tiny, out, *extra):
     d, model, files = tiny
-    out = d / "results.json"
     cmd = \
         [sys.executable, "-c", "import sys; from megatron_a3po.cli import a3po; sys.exit(a3po(sys.argv[1:]))", "eval"]
-    proc = subprocess.run(cmd + ["--model", model, "--benchmark", f"m={files['math']}",
+    return subprocess.run(cmd + ["--model", model, "--benchmark", f"m={files['math']}",
                                  "--benchmark", f"g={files['mc']}:mc", "--benchmark", f"c={files['code']}",
                                  "--n", "4", "--max-new-tokens", "8", "--dtype", "float32", "--cpu-kv-cache-gb", "1",
-                                 "--output", str(out), "--no-progress"],
+                                 "--output", str(out), "--no-progress", *extra],
                           capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **ENV})
+
+
+@pytest.fixture(scope="module")
+def tp1_run(tiny):
+    out = tiny[0] / "results.json"
+    return _eval(tiny, out), out
+
+
+def test_cli_end_to_end(tiny, tp1_run):
+    proc, out = tp1_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert list(res["benchmarks"]) == ["m", "g", "c"]
@@ -54,6 +63,20 @@ def test_cli_end_to_end(tiny):
         assert 0 < s["length_mean"] <= 8
     assert set(res["average"]) >= {"avg@4", "pass@4"} and res["sandbox"]["namespaces"] in (True, False)
     assert "| m | math | 3 |" in proc.stdout and "**average**" in proc.stdout
+
+
+def test_cli_tensor_parallel_2_reproduces_tp1(tiny, tp1_run):
+    """--tensor-parallel-size 2 relaunches under torchrun (2 ranks, vLLM TP=2); per-prompt seeds and fp32 make
+    the samples, hence every score, identical to TP=1."""
+    out = tiny[0] / "results_tp2.json"
+    proc = _eval(tiny, out, "--tensor-parallel-size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tp1, tp2 = json.loads(tp1_run[1].read_text()), json.loads(out.read_text())
+    for name in ("m", "g", "c"):
+        assert tp2["benchmarks"][name]["samples"] == tp1["benchmarks"][name]["samples"], name
+        untimed = [{k: v for k, v in run["benchmarks"][name]["summary"].items() if k != "seconds"} for run in (tp1, tp2)]
+        assert untimed[0] == untimed[1], name
+    assert proc.stdout.count("| m | math | 3 |") == 1  # only rank 0 reports
 
 
 def test_cli_refuses_bad_input(tiny, tmp_path):

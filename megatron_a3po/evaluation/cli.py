@@ -50,8 +50,9 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         print("error: --tensor-parallel-size must be >= 1", file=sys.stderr)
         return 2
     if args.tensor_parallel_size > 1 and "WORLD_SIZE" not in os.environ:
+        # "--": torchrun's argparse would otherwise take abbreviations like `--n` as (ambiguous) options of its own.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.tensor_parallel_size}", "-m", "megatron_a3po.evaluation.cli", *argv]
+               f"--nproc-per-node={args.tensor_parallel_size}", "-m", "megatron_a3po.evaluation.cli", "--", *argv]
         os.execv(sys.executable, cmd)  # not reached
     if args.tensor_parallel_size > 1 and int(os.environ["WORLD_SIZE"]) != args.tensor_parallel_size:
         print(f"error: --tensor-parallel-size {args.tensor_parallel_size} but WORLD_SIZE={os.environ['WORLD_SIZE']}; "
