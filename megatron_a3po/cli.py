@@ -41,8 +41,9 @@ def a3po_train(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc-per-node", type=int, default=None)
     known, rest = parser.parse_known_args(argv)
     nproc = known.nproc_per_node or (_gpu_count() or 2)
+    # SIGTERM (preemption) lets every rank finish its step and checkpoint: give them more than torchrun's 30 s.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_a3po.train", *rest]
+           f"--shutdown-timeout={os.environ.get('SHUTDOWN_TIMEOUT', '900')}", "-m", "megatron_a3po.train", *rest]
     os.execv(sys.executable, cmd)
     return 0  # not reached
 
