@@ -80,6 +80,8 @@ def _run(args) -> int:
     from megatron_a3po.rollout.engine import RolloutEngine
     from megatron_a3po.rollout.sampling import SamplingConfig
 
+    if args.no_progress:
+        os.environ["A3PO_PROGRESS"] = "0"  # also vLLM's generation bar (RolloutEngine asks metrics.progress_enabled)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model} has no config.json; pass a Hugging Face checkpoint directory")
     sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
