@@ -39,7 +39,8 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable, desc: str, total: int | None = None, leave: bool = False):
-    """tqdm on rank 0 (stderr; redrawn at most once a second when stderr is not a terminal), else the iterable."""
+    """tqdm on rank 0 (stderr; redrawn at most once a second when stderr is not a terminal), else the iterable.
+    iterable=None with a total: a bar to `.update(n)` by hand (None where bars are off)."""
     if not progress_enabled():
         return iterable
     import sys

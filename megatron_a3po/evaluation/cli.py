@@ -81,7 +81,7 @@ def _run(args) -> int:
     from megatron_a3po.rollout.sampling import SamplingConfig
 
     if args.no_progress:
-        os.environ["A3PO_PROGRESS"] = "0"  # also vLLM's generation bar (RolloutEngine asks metrics.progress_enabled)
+        os.environ["A3PO_PROGRESS"] = "0"  # every bar: scoring, and vLLM's generation (metrics.progress_enabled)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model} has no config.json; pass a Hugging Face checkpoint directory")
     sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -118,7 +118,7 @@ def _run(args) -> int:
                 print(f"[eval] {bench.name}: {len(bench.items)} {bench.kind} items x {args.n} samples",
                       file=sys.stderr, flush=True)
             out = run_benchmark(engine, tokenizer, bench, sampling, limits=limits, max_parallel=args.code_parallel,
-                                score_here=rank0, show_progress=rank0 and not args.no_progress)
+                                score_here=rank0)
             if rank0:
                 out["summary"]["seconds"] = round(time.monotonic() - start, 2)
                 results[bench.name], summaries[bench.name] = out, out["summary"]

@@ -3,12 +3,12 @@ the trainer's periodic validation."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Sequence
 
 from megatron_a3po.evaluation.metrics import summarize
 from megatron_a3po.evaluation.sandbox import SandboxLimits
 from megatron_a3po.evaluation.tasks import score_responses
+from megatron_a3po.metrics import progress
 
 
 def generate(engine, tokenizer, items: Sequence[Any], sampling, step: int = 0) -> dict:
@@ -49,12 +49,12 @@ def evaluate_items(engine, tokenizer, items: Sequence[Any], sampling, *, task: s
 
 
 def run_benchmark(engine, tokenizer, bench, sampling, *, ks=None, limits: SandboxLimits | None = None,
-                  max_parallel: int = 2, score_here: bool = True, show_progress: bool = True) -> dict | None:
+                  max_parallel: int = 2, score_here: bool = True) -> dict | None:
     """Generate on every rank; score and summarise where `score_here` (rank 0). Per-item details included."""
     generated = generate(engine, tokenizer, bench.items, sampling)
     if not score_here:
         return None
-    bar = _bar(len(bench.items) * sampling.n, f"scoring {bench.name}", show_progress)
+    bar = progress(None, f"scoring {bench.name}", total=len(bench.items) * sampling.n)
     correct = score(generated, bench.items, bench.kind, limits=limits, max_parallel=max_parallel,
                     progress=bar.update if bar else None)
     if bar:
@@ -64,13 +64,3 @@ def run_benchmark(engine, tokenizer, bench, sampling, *, ks=None, limits: Sandbo
     per_item = [{"source": it.source, "correct": row, "lengths": lens}
                 for it, row, lens in zip(bench.items, correct, generated["lengths"])]
     return {"summary": summary, "items": per_item, "samples": generated["texts"]}
-
-
-def _bar(total: int, desc: str, show: bool):
-    if not show:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
