@@ -17,17 +17,23 @@ Without CUDA, `enable_cpu_compat()` (idempotent, called by `parallel.init_distri
 4. Streams, events and synchronize become no-ops: `torch.cuda.synchronize()` in
    `p2p_communication`, `current_stream()/Stream/stream()/Event` in the DDP grad buffer
    (`param_and_grad_buffer.py`) and the overlap paths of the optimizer.
+
+With `A3PO_EMULATE_CUDA=1` it also switches on CUDA emulation (`cuda_emulation.py`): device tensors are told
+apart from host tensors and the GPU's device and NCCL rules raise on CPU, so the code path users take on GPUs
+runs here. `device()` then answers "cuda:0".
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
+_EMULATING = False
 
 # CPU type name -> the CUDA name megatron-core compares against.
 _CUDA_TYPE_NAMES = {
@@ -41,9 +47,50 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+EMULATE_ENV = "A3PO_EMULATE_CUDA"
+
+
+def emulation_requested() -> bool:
+    return os.environ.get(EMULATE_ENV, "0") == "1" and not cuda_available()
+
+
+def emulating() -> bool:
+    """True once CUDA emulation is in force in this process."""
+    return _EMULATING
+
+
 def device() -> torch.device:
     """The device tensors of this process live on."""
-    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+    if cuda_available() or _EMULATING:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def host_syncs() -> int | None:
+    """Device-to-host syncs counted so far (CUDA emulation only; None otherwise)."""
+    if not _EMULATING:
+        return None
+    from megatron_a3po import cuda_emulation
+
+    return cuda_emulation.host_syncs()
+
+
+def host_region():
+    """Context for code that computes with plain CPU tensors (vLLM's CPU engine): no device checks inside."""
+    if not _EMULATING:
+        return contextlib.nullcontext()
+    from megatron_a3po import cuda_emulation
+
+    return cuda_emulation.host_region()
+
+
+def on_device(t: torch.Tensor) -> bool:
+    """Whether `t` lives on the accelerator (emulated or real)."""
+    if _EMULATING:
+        from megatron_a3po import cuda_emulation
+
+        return cuda_emulation.on_device(t)
+    return t.is_cuda
 
 
 def _is_cuda_device(dev) -> bool:
@@ -133,8 +180,8 @@ class CpuRNGStatesTracker:
 
 
 def enable_cpu_compat() -> bool:
-    """Apply the CPU patches if CUDA is absent. Returns True when they are in force."""
-    global _APPLIED
+    """Apply the CPU patches if CUDA is absent (and CUDA emulation if asked for). True when they are in force."""
+    global _APPLIED, _EMULATING
     if cuda_available():
         return False
     if _APPLIED:
@@ -161,4 +208,9 @@ def enable_cpu_compat() -> bool:
     torch.cuda.stream = _no_op_stream_context
     torch.cuda.empty_cache = lambda: None
     _APPLIED = True
+    if emulation_requested():
+        from megatron_a3po import cuda_emulation
+
+        cuda_emulation.enable()
+        _EMULATING = True
     return True
