@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from megatron_a3po import platform
+
 DEVICE = torch.device("cuda", 0)
 aten = torch.ops.aten
 
@@ -164,6 +166,8 @@ class _DeviceFunctions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in platform.BACKWARD_ENTRIES:
+            return platform.run_backward_in_mode(self, func, args, kwargs)
         owner = getattr(func, "__self__", None)
         if owner in _DEVICE_GETTERS:
             if on_device(args[0]):
@@ -184,7 +188,8 @@ class _DeviceFunctions(TorchFunctionMode):
             return _place(args[0], [args[0]], False)
         if func is torch.Tensor.to:
             target = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
-            dev = target if target is not None else torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+            parse_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}
+            dev = target if target is not None else torch._C._nn._parse_to(*args[1:], **parse_kwargs)[0]
             want = _wants_cuda(dev)
             if want is None:
                 return func(*args, **kwargs)

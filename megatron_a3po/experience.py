@@ -44,6 +44,11 @@ class Experience:
             return value[index] if isinstance(value, torch.Tensor) else value
         return replace(self, **{f: take(getattr(self, f)) for f in self.__dataclass_fields__ if f != "extras"})
 
+    def to(self, device: torch.device) -> "Experience":
+        """This experience on `device`: one transfer per step, before any per-token math meets the model's output."""
+        return replace(self, **{f: getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__
+                                if isinstance(getattr(self, f), torch.Tensor)})
+
     def micro_batches(self, size: int) -> list[dict]:
         return [vars(self.rows(slice(i, i + size))) for i in range(0, len(self), size)]
 

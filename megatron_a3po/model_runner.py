@@ -118,14 +118,19 @@ class PolicyModel:
         mbs = micro_batches[0]["tokens"].shape[0]
         if any(mb["tokens"].shape != (mbs, seq_len) for mb in micro_batches):
             raise ValueError("all micro-batches of one forward_backward call must share one [b, s] shape")
+        # Sequence parallelism scatters the sequence over the TP ranks: pad it to a multiple of TP. The padding
+        # comes after every real token, so causal attention keeps it out of the real positions' outputs.
+        model_len = -(-seq_len // self.tp_size) * self.tp_size if self.tconfig.sequence_parallel else seq_len
         device = platform.device()
 
         def step(data_iterator, model):
-            batch = next(data_iterator)
-            tokens = batch["tokens"].to(device)
-            position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens)
+            batch = to_device(next(data_iterator), device)  # the one place a batch moves to the device
+            tokens = batch["tokens"]
+            if model_len != seq_len:
+                tokens = torch.nn.functional.pad(tokens, (0, model_len - seq_len))
+            position_ids = torch.arange(model_len, device=device).unsqueeze(0).expand_as(tokens)
             output = model(tokens, position_ids, None)
-            return output, partial(_loss_wrapper, loss_fn, batch, n * self.dp_size)
+            return output, partial(_loss_wrapper, loss_fn, batch, n * self.dp_size, seq_len)
 
         data = [iter(micro_batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro_batches)
         forward_backward = get_forward_backward_func()
@@ -134,7 +139,7 @@ class PolicyModel:
                 chunk.zero_grad_buffer()
         return forward_backward(
             forward_step_func=step, data_iterator=data, model=self.chunks, num_microbatches=n,
-            seq_length=seq_len, micro_batch_size=mbs, forward_only=forward_only,
+            seq_length=model_len, micro_batch_size=mbs, forward_only=forward_only,
         )
 
     def optimizer_step(self) -> dict:
@@ -147,7 +152,12 @@ class PolicyModel:
                 "update_successful": bool(success), "lr": lr}
 
 
-def _loss_wrapper(loss_fn: LossFn, batch: dict, undo_averaging: int, output: torch.Tensor):
-    loss, metrics = loss_fn(output, batch)
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (a no-op for those already there)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _loss_wrapper(loss_fn: LossFn, batch: dict, undo_averaging: int, seq_len: int, output: torch.Tensor):
+    loss, metrics = loss_fn(output[:, :seq_len], batch)
     # Megatron averages over micro-batches (schedule) and DP ranks (DDP); loss_fn already normalised globally.
     return loss * undo_averaging, metrics

@@ -14,7 +14,7 @@ import torch
 
 from megatron_a3po import algorithms as A
 from megatron_a3po import metrics as M
-from megatron_a3po import parallel
+from megatron_a3po import parallel, platform
 from megatron_a3po.checkpointing import injected_nan_step
 from megatron_a3po.data import DynamicSampler
 from megatron_a3po.evaluation.runner import evaluate_items
@@ -90,7 +90,7 @@ class RLTrainer:
         adv = self.advantage_fn(rewards, batch.response_mask.bool(), self.rl.rollout_n)
         mini_rows = self.rl.ppo_mini_batch_size * self.rl.rollout_n
         exp = build_experience(batch, rewards, adv, local_rows(len(batch), mini_rows, parallel.dp_rank(),
-                                                               parallel.dp_size()))
+                                                               parallel.dp_size())).to(platform.device())
         # 4. Old-policy log-probs and entropy (Megatron forward, TP-aware), on the last pipeline stage.
         with timer("old_logprobs"):
             on_last_stage = compute_old_logprobs(self.policy, exp, self.cfg.training.micro_batch_size,

@@ -7,7 +7,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from megatron_a3po import platform
 from megatron_a3po.models.families import ModelArch
+from megatron_a3po.models.local_norm import LocalRMSNorm, with_local_norms
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,7 +47,19 @@ def layer_spec(arch: ModelArch, use_te: bool):
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    return with_local_norms(specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm"))
+
+
+def block_spec(arch: ModelArch, config, use_te: bool, vp_stage: int | None):
+    """The decoder spec of one model chunk: TE's as is; the local one with a final norm that allows
+    sequence parallelism (megatron picks WrappedTorchNorm for it otherwise)."""
+    spec = layer_spec(arch, use_te)
+    if use_te:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=LocalRMSNorm)
 
 
 def transformer_config(
@@ -102,7 +116,8 @@ def transformer_config(
         batch_p2p_comm=vpp is None,
         variable_seq_lengths=True,  # RL batches have a different padded length every step
         moe_token_dispatcher_type="alltoall",  # dense models; only here because variable_seq_lengths demands it
-        use_cpu_initialization=not on_gpu,
+        # As on a GPU, megatron allocates weights and buffers (rotary inv_freq, ...) on the device directly.
+        use_cpu_initialization=not (on_gpu or platform.emulating()),
         # Fused kernels need CUDA (and apex/TE); the unfused paths compute the same function.
         bias_activation_fusion=on_gpu and use_te,
         bias_dropout_fusion=on_gpu and use_te,
@@ -118,14 +133,13 @@ def build_model_chunks(arch: ModelArch, config, *, padded_vocab: int, use_te: bo
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    spec = layer_spec(arch, use_te)
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
         stage = vp_stage if vpp > 1 else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(arch, config, use_te, stage),
             vocab_size=padded_vocab,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -136,6 +150,5 @@ def build_model_chunks(arch: ModelArch, config, *, padded_vocab: int, use_te: bo
             rotary_base=int(arch.rope_theta),
             vp_stage=stage,
         )
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        chunks.append(model.to(device))
+        chunks.append(model.to(platform.device()))
     return chunks
