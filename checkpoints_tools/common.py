@@ -39,13 +39,9 @@ def peak_rss_bytes() -> int:
 
 
 def max_over_ranks(value: int) -> int:
-    import torch
-    import torch.distributed as dist
+    from megatron_a3po import parallel
 
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(parallel.all_reduce_scalar(value, op="max"))
 
 
 def gib(n: int) -> str:

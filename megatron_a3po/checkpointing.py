@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_a3po import optimizer_state
+from megatron_a3po import optimizer_state, platform
 from megatron_a3po.config import ConfigError
 
 MARKER = "a3po_train_state.json"
@@ -284,24 +284,27 @@ def trim_metrics(output_dir: str | Path, step: int) -> None:
 # ---- run guards -------------------------------------------------------------------------------------------
 
 
-def install_nonfinite_guard(optimizer) -> None:
+def install_nonfinite_guard(optimizer, chunks) -> None:
     """Make `optimizer.step()` skip the update when any rank's gradients hold NaN/Inf.
 
+    It reads the gradients megatron-core steps with: the DDP grad buffers of `chunks` (every parameter's
+    `main_grad`, already reduced across DP). With bf16 params or the distributed optimizer the optimizer's own
+    parameters get their grads only inside `step()`, so reading those beforehand would see nothing.
     Skipped steps return (False, nan, None) - the same as megatron-core's own fp16 overflow skip - so
     `PolicyModel.optimizer_step` reports update_successful=False, grad_norm nan.
     """
     step = optimizer.step
+    grad_buffers = [buffer.grad_data for chunk in chunks
+                    for buffer in [*chunk.buffers, *getattr(chunk, "expert_parallel_buffers", [])]]
 
     @torch.no_grad()
     def guarded_step():
-        params = optimizer.get_parameters()
-        grads = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
-                 for p in params]
-        bad = any(g is not None and not torch.isfinite(g).all() for g in grads)
-        flag = torch.tensor([1.0 if bad else 0.0])
+        bad = torch.zeros(1, device=platform.device())
+        for grads in grad_buffers:  # device-side reduction: one host sync per step, below
+            bad = torch.maximum(bad, (~torch.isfinite(grads).all()).float().reshape(1))
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
             optimizer.zero_grad()
             return False, float("nan"), None
         return step()
@@ -334,7 +337,7 @@ class RunGuard:
         """Collective. None to continue, else 'preempted' or 'nonfinite' (every rank gets the same answer)."""
         bad = metrics.get("train/skipped_updates", 0) > 0 or not math.isfinite(metrics.get("train/grad_norm", 0.0))
         self.consecutive_nan = self.consecutive_nan + 1 if bad else 0
-        flag = torch.tensor([1.0 if self.terminate else 0.0])
+        flag = torch.tensor([1.0 if self.terminate else 0.0], device=platform.device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:

@@ -150,6 +150,16 @@ def _wants_cuda(dev) -> bool | None:
     return isinstance(dev, int) and not isinstance(dev, bool)
 
 
+def _to_device_argument(args, kwargs):
+    """The device named by a `Tensor.to(...)` call (a tensor for `.to(other)`), or None."""
+    if "device" in kwargs:
+        return kwargs["device"]
+    first = args[1] if len(args) > 1 else None
+    if isinstance(first, (str, torch.device, torch.Tensor)) or (isinstance(first, int) and not isinstance(first, bool)):
+        return first
+    return None
+
+
 def _place(out, inputs, to_device: bool):
     """Give `out` a storage of its own on the requested side (a copy, as a real transfer makes)."""
     if not isinstance(out, torch.Tensor):
@@ -187,9 +197,7 @@ class _DeviceFunctions(TorchFunctionMode):
                 _count_sync()
             return _place(args[0], [args[0]], False)
         if func is torch.Tensor.to:
-            target = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
-            parse_kwargs = {k: v for k, v in kwargs.items() if k != "copy"}
-            dev = target if target is not None else torch._C._nn._parse_to(*args[1:], **parse_kwargs)[0]
+            dev = _to_device_argument(args, kwargs)
             want = _wants_cuda(dev)
             if want is None:
                 return func(*args, **kwargs)
@@ -204,6 +212,11 @@ class _DeviceFunctions(TorchFunctionMode):
 
 
 _DEVICE_GETTERS_BY_NAME = {name: torch._C.TensorBase.__dict__[name] for name in ("device", "is_cuda")}
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor (no sync counted: see platform.emulated_host_copy); host tensors as they are."""
+    return _place(t, [t], False) if on_device(t) else t
 
 
 @contextlib.contextmanager

@@ -98,6 +98,15 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce_scalar(value, op: str = "sum", group=None) -> float:
+    """A number (or 0-dim tensor) reduced over `group` (default: all ranks) with one host sync. The reduction
+    runs on a device tensor: NCCL refuses host tensors."""
+    t = torch.as_tensor(value, dtype=torch.float64).to(platform.device()).reshape(1)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t.item()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -84,6 +84,16 @@ def host_region():
     return cuda_emulation.host_region()
 
 
+def emulated_host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a host tensor for a CPU-only consumer under emulation (vLLM's CPU engine at refit); `t` itself
+    otherwise. Not counted as a host sync: on a GPU machine that consumer is on the GPU too."""
+    if not _EMULATING:
+        return t
+    from megatron_a3po import cuda_emulation
+
+    return cuda_emulation.host_copy(t)
+
+
 def on_device(t: torch.Tensor) -> bool:
     """Whether `t` lives on the accelerator (emulated or real)."""
     if _EMULATING:

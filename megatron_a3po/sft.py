@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, arch, hf_cfg, args) -> int:
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
     from megatron_a3po import parallel
@@ -94,10 +93,10 @@ def run(cfg, arch, hf_cfg, args) -> int:
 
         outs = policy.forward_backward(micro, loss_fn)
         stats = policy.optimizer_step()
-        local = torch.tensor(sum(o["nll"].item() for o in outs) if outs else 0.0)
-        dist.all_reduce(local)
+        # every TP rank of each DP replica's last stage holds its sum; others add 0
+        nll = parallel.all_reduce_scalar(sum(o["nll"] for o in outs) if outs else 0.0)
         if step % 25 == 0 or step == 1:
-            say(f"[sft] step {step}/{args.sft_steps} loss {local.item() / total / parallel.tp_size():.4f} "
+            say(f"[sft] step {step}/{args.sft_steps} loss {nll / total / parallel.tp_size():.4f} "
                 f"grad_norm {stats['grad_norm']:.3f}", flush=True)
     export_hf(policy, hf_cfg, Path(cfg.model.hf_path), Path(args.sft_output))
     parallel.destroy()

@@ -86,9 +86,8 @@ def _run(cfg, arch) -> int:
         start = time.perf_counter()
         out = model.forward_backward(micro, loss_fn)
         stats = model.optimizer_step()
-        local = torch.tensor(sum(float(m["loss_sum"]) for m in out) if out else 0.0)
-        dist.all_reduce(local)  # every TP rank of each DP replica's last stage holds its sum; others add 0
-        loss = local.item() / total / parallel.tp_size()
+        # every TP rank of each DP replica's last stage holds its sum; others add 0
+        loss = parallel.all_reduce_scalar(sum(m["loss_sum"] for m in out) if out else 0.0) / total / parallel.tp_size()
         losses.append(loss)
         say(f"[smoke] iter {it}/{t.train_iters}  loss {loss:.4f}  grad_norm {stats['grad_norm']:.4f}  "
             f"lr {stats['lr']:.2e}  {time.perf_counter() - start:.2f}s")

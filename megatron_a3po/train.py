@@ -159,7 +159,7 @@ def run(cfg, arch) -> int:
     train_data, eval_data, sampler = build_data(cfg, tokenizer)
 
     policy = PolicyModel(cfg, arch)
-    checkpointing.install_nonfinite_guard(policy.optimizer)
+    checkpointing.install_nonfinite_guard(policy.optimizer, policy.chunks)
     start_step, val_before, resume_dir = 1, None, None
     if cfg.training.load:
         resume_dir, resuming = checkpointing.resolve_load_dir(cfg.training.load)

@@ -80,6 +80,7 @@ class RLTrainer:
 
     def step(self, step: int) -> dict:
         timer = M.PhaseTimer()
+        syncs_before = platform.host_syncs()  # None unless CUDA emulation counts them
         # 1-2. Rollout (vLLM, n responses per prompt; every rank ends up with the whole batch) and verifiable
         # outcome reward; with dynamic sampling, only prompt groups whose rewards vary (more rounds if needed).
         batch, rewards, sampling_metrics = self.collect_rollouts(step, timer)
@@ -129,6 +130,8 @@ class RLTrainer:
         metrics.update(M.update_statistics(updates))
         metrics.update(sampling_metrics)
         metrics.update(timer.as_metrics())
+        if syncs_before is not None:  # each device-to-host sync stalls a GPU stream
+            metrics["sync/host_syncs"] = float(platform.host_syncs() - syncs_before)
         if self.shaper_name == "a3po":
             metrics["a3po/weight_pos"] = _a3po_weight(self.shaper_config, step, positive=True)
             metrics["a3po/weight_neg"] = _a3po_weight(self.shaper_config, step, positive=False)

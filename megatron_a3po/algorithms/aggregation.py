@@ -49,20 +49,18 @@ def global_normaliser(
     """
     if isinstance(masks, torch.Tensor):
         masks = [masks]
-    tokens = 0
-    seqs = 0
-    device = None
+    if not masks:
+        raise ValueError("global_normaliser: no masks (every rank has at least one micro-batch)")
+    # Counted where the masks live (the GPU), all-reduced there (NCCL takes device tensors only), read once.
+    counts = torch.zeros(2, dtype=torch.float64, device=masks[0].device)
     for i, m in enumerate(masks):
         m = check_mask(f"masks[{i}]", m)
-        device = m.device
-        tokens += int(m.sum())
-        seqs += int((m.sum(dim=1) > 0).sum())
+        counts += torch.stack([m.sum(), (m.sum(dim=1) > 0).sum()]).to(torch.float64)
     if dp_group is not None:
         import torch.distributed as dist
 
-        counts = torch.tensor([tokens, seqs], dtype=torch.float64, device=device or "cpu")
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=dp_group)
-        tokens, seqs = int(counts[0].item()), int(counts[1].item())
+    tokens, seqs = counts.tolist()
     return LossNormaliser(global_tokens=float(tokens), global_seqs=float(seqs), max_len=max_len)
 
 

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_a3po import platform
 from megatron_a3po.metrics import progress_enabled
 from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
 
@@ -80,9 +81,9 @@ class RolloutEngine:
         # One seed per prompt, spaced by n (vLLM gives sample j seed + j): no two prompts, samples or steps share
         # random draws, and rollouts do not depend on how many rollout groups there are.
         params = [sampling.to_vllm(seed_offset=(step * len(prompts) + i) * sampling.n + (round << 40)) for i in share]
-        outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params,
-                                    use_tqdm=progress_enabled()) \
-            if share else []
+        with platform.host_region():  # vLLM computes with its own tensors (plain CPU ones on its CPU backend)
+            outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params,
+                                        use_tqdm=progress_enabled()) if share else []
         local = [_unpack(out) for out in outputs]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (self.group, share, local))
@@ -99,7 +100,8 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+        with platform.host_region():
+            outs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
         result = []
         for seq, out in zip(sequences, outs):
             entries = out.prompt_logprobs[1:]  # the first token has no prefix
@@ -112,6 +114,8 @@ class RolloutEngine:
         """Load full HF-named tensors streamed from the live Megatron model; vLLM re-shards for its own TP and
         re-packs CPU/GPU kernel layouts layer by layer. In memory only; never through disk."""
         self.wake_up()
+        if not self.on_gpu:  # vLLM's CPU backend under CUDA emulation: its weights are host tensors
+            weights = ((name, platform.emulated_host_copy(t)) for name, t in weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                           "is_checkpoint_format": True})
         self.llm.collective_rpc(_repack_tied_cpu_heads)
