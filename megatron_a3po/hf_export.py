@@ -8,29 +8,37 @@ from pathlib import Path
 
 
 def export_hf(policy, hf_cfg: dict, side_files_dir: Path | None, out: Path) -> None:
-    """Gather the full policy through the shared mapping (collective: every rank calls it) and write it on rank 0
-    into a temp dir renamed at the end. Holds the whole model on rank 0, which suits warm-start sized models;
-    `a3po-convert megatron-to-hf` is the streaming path for large ones."""
-    from safetensors.torch import save_file
+    """Stream the live policy to `out` through the shared mapping; collective (every rank calls it).
 
+    One parameter at a time: its owning stage gathers the TP shards, the pipeline group receives the full
+    tensor, rank 0 writes it straight into the safetensors file (header planned up front) and drops it. Peak
+    memory beyond the model is about one full tensor plus its host copy, on every rank, whatever the model size
+    (bench/bench_export_memory.py measures it). Written into a temp dir renamed into place at the end.
+    """
     from megatron_a3po import parallel
+    from megatron_a3po.models import hf_mapping
+    from megatron_a3po.models.hf_io import ShardedSafetensorsWriter, copy_side_files
     from megatron_a3po.models.tiny import build_tokenizer
 
-    tensors = {name: t.clone() for name, t in policy.hf_state()}
-    if not parallel.is_rank0():
-        return
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    writer = None
+    if parallel.is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        plan = [(name, shape, policy.dtype) for name, shape in hf_mapping.hf_tensor_specs(policy.arch)]
+        writer = ShardedSafetensorsWriter(tmp, plan)
+    for name, tensor in policy.hf_state():
+        if writer is not None:
+            writer.write(name, tensor)
+        del tensor
+    if writer is None:
+        return
+    writer.close()
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     if side_files_dir is None:
         build_tokenizer().save_pretrained(tmp)
     else:
-        for f in side_files_dir.iterdir():
-            if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name != "config.json" \
-                    and not f.name.endswith(".index.json"):
-                shutil.copy(f, tmp / f.name)
+        copy_side_files(side_files_dir, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"wrote HF checkpoint {out}", flush=True)

@@ -271,7 +271,11 @@ def iter_hf_tensors(chunks, arch: ModelArch, padded_vocab: int, *, dtype: torch.
         owner = next(i for i, names in enumerate(owned) if entry.megatron_name in names)
         if entry.megatron_name in local:
             mine = getter(local[entry.megatron_name]).to(dtype).contiguous()
-            if tp_size > 1 and entry.tp_dim is not None:
+            if tp_size > 1 and entry.tp_dim == 0 and entry.kind != "glu":
+                # Row shards concatenate in rank order: gather straight into the full tensor (no second copy).
+                full = mine.new_empty((tp_size * mine.shape[0], *mine.shape[1:]))
+                dist.all_gather_into_tensor(full, mine, group=tp_group)
+            elif tp_size > 1 and entry.tp_dim is not None:
                 shards = [torch.empty_like(mine) for _ in range(tp_size)]
                 dist.all_gather(shards, mine, group=tp_group)
                 full = unshard(entry, shards)
