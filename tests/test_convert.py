@@ -26,6 +26,9 @@ from megatron_a3po.spawn import run_in_ranks
 CASES = {"llama": ("llama", "float32"), "qwen2": ("qwen2", "float32"), "qwen3": ("qwen3", "float32"),
          "qwen3_bf16": ("qwen3", "bfloat16")}
 FAMILIES = ["llama", "qwen2", "qwen3"]
+# The 2-rank conversions (hf-to-megatron, verify, megatron-to-hf at TP=2 / PP=2) run under CUDA emulation: the
+# GPU's device and NCCL rules hold, as on the cluster where users convert.
+EMULATED = {"A3PO_EMULATE_CUDA": "1"}
 DIFF = re.compile(r"max abs logit diff (\S+)\s+mean abs logit diff (\S+)")
 
 
@@ -84,6 +87,8 @@ def _two_rank_job(root: str):
                                               f"{root}/mg_{fam}", flag, "2"])
     results["pp2_export"] = _cli(["megatron-to-hf", "--megatron-path", f"{root}/mg_qwen3_tp2", "--output",
                                   f"{root}/back_qwen3_tp2_pp2", "--pipeline-model-parallel-size", "2"])
+    results["tp2_export"] = _cli(["megatron-to-hf", "--megatron-path", f"{root}/mg_qwen3_tp2", "--output",
+                                  f"{root}/back_qwen3_tp2_tp2", "--tensor-model-parallel-size", "2"])
     results["live"] = {fam: _live_state(f"{root}/hf_{fam}") for fam in ("qwen2", "llama")}
     return results if parallel.rank() == 0 else None
 
@@ -123,16 +128,17 @@ def tp1(root):
 
 @pytest.fixture(scope="module")
 def spawned_tp2(root):
-    """The plain command (not under torchrun) starting its own 2 ranks."""
+    """The plain command (not under torchrun) starting its own 2 ranks, under CUDA emulation."""
     cmd = [sys.executable, "-m", "checkpoints_tools.convert", "hf-to-megatron", "--hf-path", str(root / "hf_qwen3"),
            "--output", str(root / "mg_qwen3_tp2"), "--tensor-model-parallel-size", "2", "--no-progress"]
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(EMULATED)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
 def tp2_pp2(root, tp1, spawned_tp2):
-    return run_in_ranks(_two_rank_job, 2, (str(root),), timeout=900)[0]
+    return run_in_ranks(_two_rank_job, 2, (str(root),), timeout=900, env=EMULATED)[0]
 
 
 def _assert_same_tensors(reference_dir, candidate_dir):
@@ -230,10 +236,11 @@ def test_verify_tp2_pp2_on_tp1_checkpoints(tp2_pp2, family, layout):
     assert max_diff <= 1e-4 and mean_diff <= max_diff and "PASS" in out
 
 
-def test_tp2_saved_checkpoint_exports_at_pp2(root, tp2_pp2):
-    rc, _, err = tp2_pp2["pp2_export"]
+@pytest.mark.parametrize("layout", ["pp2", "tp2"])
+def test_tp2_saved_checkpoint_exports_at_pp2_and_tp2(root, tp2_pp2, layout):
+    rc, _, err = tp2_pp2[f"{layout}_export"]
     assert rc == 0, err
-    _assert_same_tensors(root / "hf_qwen3", root / "back_qwen3_tp2_pp2")
+    _assert_same_tensors(root / "hf_qwen3", root / f"back_qwen3_tp2_{layout}")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])

@@ -1,5 +1,7 @@
-"""Run guards of the real job (torchrun, 2 ranks, tiny qwen2): NaN/Inf updates are skipped and stop the run after
---max-consecutive-nan-steps; SIGTERM (preemption) finishes the step, checkpoints and exits 0."""
+"""Run guards of the real job (torchrun, 2 ranks) with the Qwen2.5-32B paper config shrunk by
+configs/tests/tiny_paper.yaml (bf16 + distributed optimizer + sequence parallel, TP=2) under CUDA emulation:
+NaN/Inf updates are skipped (weights and Adam state bitwise unchanged) and stop the run after
+--max-consecutive-nan-steps; SIGTERM (preemption) finishes the step, checkpoints and exits 0, and the run resumes."""
 
 from __future__ import annotations
 
@@ -11,21 +13,23 @@ import pytest
 import torch
 
 from megatron_a3po import checkpointing
-from test_checkpoint_resume import rows, signal_job, start_job, stored_tensors, wait
+from test_checkpoint_resume import EMULATED, paper_run, rows, signal_job, start_job, stored_tensors, wait
+
+PAPER = paper_run("qwen2.5-32b_a3po.yaml")
 
 
 def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     out, save, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "nan.log"
     proc = start_job(["--tiny-model", "qwen2", "--train-steps", "6", "--output-dir", str(out), "--save", str(save),
                       "--save-interval", "1", "--max-consecutive-nan-steps", "2"], log,
-                     env={"A3PO_TEST_INJECT_NAN_STEP": "2,4,5"})
+                     env={**EMULATED, "A3PO_TEST_INJECT_NAN_STEP": "2,4,5"}, base=PAPER)
     code = wait(proc, log)
     text = log.read_text()
     assert code != 0 and "2 RL steps in a row had non-finite (NaN/Inf) loss or gradients" in text, text[-4000:]
     assert "Last good checkpoint:" in text and "step_000004" in text
     by_step = {r["step"]: r for r in rows(out) if "train/skipped_updates" in r}
     assert sorted(by_step) == [1, 2, 3, 4, 5]  # stopped after step 5, no final evaluation
-    updates_per_step = 8 // 4
+    updates_per_step = 4 // 2  # rollout batch / PPO mini-batch (prompts)
     for step in (2, 4, 5):
         assert by_step[step]["train/skipped_updates"] == updates_per_step
         assert math.isnan(by_step[step]["train/grad_norm"])
@@ -45,9 +49,9 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     out, save, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "term.log"
     proc = start_job(["--tiny-model", "qwen2", "--train-steps", "200", "--output-dir", str(out),
-                      "--save", str(save)], log)
+                      "--save", str(save)], log, EMULATED, PAPER)
     deadline = time.monotonic() + 400
-    while not ((out / "metrics.jsonl").exists() and any("train/lr" in r for r in rows(out))):
+    while not ((out / "metrics.jsonl").exists() and any("train/lr" in r and r["step"] >= 2 for r in rows(out))):
         assert proc.poll() is None, log.read_text()[-4000:]
         assert time.monotonic() < deadline, "no training step finished"
         time.sleep(0.2)
@@ -58,10 +62,18 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     # Every rank exited 0 (torchrun itself reports its own SIGTERM as a SignalException, not a failed child).
     assert "ChildFailedError" not in text and "exitcode  : " not in text
     last = max(r["step"] for r in rows(out) if "train/lr" in r)
-    assert 1 <= last < 200
+    assert 2 <= last < 200
     assert (save / "latest").read_text().strip() == checkpointing.step_dir_name(last)
     assert checkpointing.read_train_state(save / checkpointing.step_dir_name(last))["step"] == last
     assert "validation accuracy" not in text  # stopped: no final evaluation
+    # The preempted run resumes from its checkpoint for one more step.
+    log = tmp_path / "resume.log"
+    proc = start_job(["--load", str(save), "--train-steps", str(last + 1), "--output-dir", str(out),
+                      "--save", str(save)], log, EMULATED, PAPER)
+    assert wait(proc, log) == 0, log.read_text()[-4000:]
+    assert f"at RL step {last + 1}" in log.read_text()
+    assert max(r["step"] for r in rows(out) if "train/lr" in r) == last + 1
+    assert (save / "latest").read_text().strip() == checkpointing.step_dir_name(last + 1)
 
 
 if __name__ == "__main__":
