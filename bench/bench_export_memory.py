@@ -20,14 +20,9 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from bench_logprobs_memory import _status_kib  # noqa: E402 - /proc/self/status reader shared by the memory benches
 
 
 def _gather_all_then_write(policy, out: pathlib.Path) -> None:
