@@ -6,8 +6,8 @@ variant the model is built first, the kernel's peak-RSS counter is reset (/proc/
 runs, and the peak resident memory above the pre-export level is reported per rank, as a multiple of the
 largest HF tensor. Target (issue 12): streaming <= 2x the largest tensor beyond the model itself.
 
-    .venv/bin/python bench/bench_export_memory.py                  # vocab 131072, hidden 256, 4 layers, fp32
-    .venv/bin/python bench/bench_export_memory.py --vocab 65536 --layers 8
+    .venv/bin/python bench/bench_export_memory.py                  # vocab 32768, hidden 512, 24 layers, fp32
+    .venv/bin/python bench/bench_export_memory.py --vocab 131072 --hidden 256 --layers 4
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def _rank(vocab: int, hidden: int, layers: int, variant: str, out_dir: str) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=131072)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=24)
     args = parser.parse_args()
     from megatron_a3po.spawn import run_in_ranks
 
