@@ -132,7 +132,8 @@ class _DeviceOps(TorchDispatchMode):
         return out
 
 
-_DEVICE_GETTERS = {torch._C.TensorBase.__dict__[name] for name in ("device", "is_cuda")}
+_DEVICE_GETTER = torch._C.TensorBase.__dict__["device"]  # Tensor.device's descriptor (func.__self__ of its getter)
+_IS_CUDA_GETTER = torch._C.TensorBase.__dict__["is_cuda"]
 _SYNC_METHODS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
                  torch.Tensor.__int__, torch.Tensor.__index__}
 
@@ -179,9 +180,9 @@ class _DeviceFunctions(TorchFunctionMode):
         if func in platform.BACKWARD_ENTRIES:
             return platform.run_backward_in_mode(self, func, args, kwargs)
         owner = getattr(func, "__self__", None)
-        if owner in _DEVICE_GETTERS:
+        if owner is _DEVICE_GETTER or owner is _IS_CUDA_GETTER:
             if on_device(args[0]):
-                return DEVICE if owner is _DEVICE_GETTERS_BY_NAME["device"] else True
+                return DEVICE if owner is _DEVICE_GETTER else True
             return func(*args, **kwargs)
         if func in _SYNC_METHODS:
             if on_device(args[0]):
@@ -209,9 +210,6 @@ class _DeviceFunctions(TorchFunctionMode):
         if want is not None and isinstance(out, torch.Tensor):
             out = _place(out, list(_tensors(args)), want)
         return out
-
-
-_DEVICE_GETTERS_BY_NAME = {name: torch._C.TensorBase.__dict__[name] for name in ("device", "is_cuda")}
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:
