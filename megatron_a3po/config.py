@@ -48,7 +48,10 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # padded rows per micro-batch (unused with max_tokens_per_gpu)
+    # Packed (THD) micro-batches of at most this many tokens per GPU, DP ranks balanced by compute (slime's names)
+    max_tokens_per_gpu: int | None = None
+    log_probs_max_tokens_per_gpu: int | None = None  # the forward-only old-log-prob pass; default max_tokens_per_gpu
     global_batch_size: int = 8
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -196,7 +199,7 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
     dp = world_size // (tp * pp * cp)
     if p.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag or raise TP")
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    if t.max_tokens_per_gpu is None and t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"--global-batch-size {t.global_batch_size} must be divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}; choose a multiple of {t.micro_batch_size * dp}"
@@ -221,6 +224,7 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
     if m.transformer_impl not in ("auto", "transformer_engine", "local"):
         raise ConfigError(f"--transformer-impl must be auto, transformer_engine or local, got {m.transformer_impl!r}")
     _validate_fp8(m)
+    _validate_packing(cfg)
     if arch is not None:
         validate_against_arch(cfg, arch)
 
@@ -243,6 +247,28 @@ def _validate_fp8(m: ModelConfig) -> None:
         raise ConfigError("--fp8-format needs --transformer-impl transformer_engine (or auto)")
     if not (m.bf16 or m.fp16):
         raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 params and activations)")
+
+
+def _validate_packing(cfg: Config) -> None:
+    from megatron_a3po.models.builder import use_transformer_engine
+
+    t, p, rl = cfg.training, cfg.parallel, cfg.rl
+    if t.max_tokens_per_gpu is None:
+        if t.log_probs_max_tokens_per_gpu is not None:
+            raise ConfigError("--log-probs-max-tokens-per-gpu needs --max-tokens-per-gpu (packed micro-batches)")
+        return
+    multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
+    longest = -(-(rl.max_prompt_length + rl.max_response_length - 1) // multiple) * multiple
+    for flag, value in (("--max-tokens-per-gpu", t.max_tokens_per_gpu),
+                        ("--log-probs-max-tokens-per-gpu", t.log_probs_max_tokens_per_gpu)):
+        if value is not None and value < longest:
+            raise ConfigError(f"{flag} {value} cannot hold the longest sequence ({longest} tokens: --max-prompt-length "
+                              f"+ --max-response-length - 1{', rounded up to a multiple of TP' if multiple > 1 else ''}"
+                              f"); raise it to at least {longest}")
+    if p.context_parallel_size > 1 and not use_transformer_engine(cfg.model.transformer_impl):
+        raise ConfigError("packed sequences (--max-tokens-per-gpu) with --context-parallel-size > 1 need Transformer "
+                          "Engine's attention (CUDA); the local attention has no context parallelism. Drop one of "
+                          "the two, or run on GPUs with TE")
 
 
 def validate_against_arch(cfg: Config, arch) -> None:

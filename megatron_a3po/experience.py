@@ -15,10 +15,7 @@ import torch
 from megatron_a3po import algorithms as A
 from megatron_a3po import parallel
 from megatron_a3po.logprobs import vocab_parallel_logprobs
-
-PER_TOKEN = ("targets", "response_mask", "loss_mask", "advantages", "old_logprobs", "old_entropy",
-             "proxy_logprobs", "rollout_logprobs")
-
+from megatron_a3po.packing import MicroBatches
 
 @dataclass
 class Experience:
@@ -34,30 +31,82 @@ class Experience:
     old_logprobs: torch.Tensor | None = None
     old_entropy: torch.Tensor | None = None
     proxy_logprobs: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)  # real positions per row (prompt + response - 1), on the host
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def rows(self, index: torch.Tensor | slice) -> "Experience":
+    def rows(self, index: torch.Tensor | slice | list[int]) -> "Experience":
+        if isinstance(index, list):
+            index = torch.tensor(index, dtype=torch.long)
+        host_index = index.tolist() if isinstance(index, torch.Tensor) else range(len(self.lengths))[index]
+
         def take(value):
-            return value[index] if isinstance(value, torch.Tensor) else value
-        return replace(self, **{f: take(getattr(self, f)) for f in self.__dataclass_fields__ if f != "extras"})
+            return value[index.to(value.device) if isinstance(index, torch.Tensor) else index] \
+                if isinstance(value, torch.Tensor) else value
+        return replace(self, **{f: take(getattr(self, f)) for f in self.__dataclass_fields__ if f != "lengths"},
+                       lengths=[self.lengths[i] for i in host_index])
 
     def to(self, device: torch.device) -> "Experience":
         """This experience on `device`: one transfer per step, before any per-token math meets the model's output."""
         return replace(self, **{f: getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__
                                 if isinstance(getattr(self, f), torch.Tensor)})
 
-    def micro_batches(self, size: int) -> list[dict]:
-        return [vars(self.rows(slice(i, i + size))) for i in range(0, len(self), size)]
+    def micro_batches(self, plan: MicroBatches) -> list[dict]:
+        return [self.micro_batch(rows, plan.packed, plan.multiple) for rows in plan.rows]
+
+    def micro_batch(self, rows: list[int], packed: bool, multiple: int = 1) -> dict:
+        """The loss function's tensors for `rows`. Padded: [b, T] rows as stored (the model sees them so).
+        Packed: [b, L] rows cut to their longest sequence L, and the model input as one pack (see `pack_rows`)."""
+        part = self.rows(rows)
+        if not packed:
+            return vars(part)
+        width = max(part.lengths)
+        batch = {f: (v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for f, v in vars(part).items()}
+        batch.update(pack_rows(part.tokens, part.targets, part.lengths, multiple))
+        return batch
 
 
-def local_rows(num_rows: int, mini_batch_rows: int, dp_rank: int, dp_size: int) -> torch.Tensor:
-    """Global row indices this DP rank trains on: its contiguous share of every mini-batch, in order."""
-    per_rank = mini_batch_rows // dp_size
-    starts = torch.arange(0, num_rows, mini_batch_rows)
-    return (starts[:, None] + dp_rank * per_rank + torch.arange(per_rank)[None, :]).reshape(-1)
+def pack_rows(tokens: torch.Tensor, targets: torch.Tensor, lengths: list[int], multiple: int) -> dict:
+    """Rows laid back to back as one sequence [1, t] (THD): `tokens`, `packed_targets`, `position_ids` restarting
+    per row, `cu_seqlens` (int32, the row boundaries), `max_seqlen`, and the map back to rows: `unpack_index`
+    [b, L] (position of row i's token j in the pack) with `unpack_valid`. A pack is padded to a multiple of
+    `multiple` (sequence parallelism) by one more dummy sequence, which attends only to itself.
+    Index tensors are built on the host from `lengths` and moved once: no device-to-host sync."""
+    total = sum(lengths)
+    pad = -(-total // multiple) * multiple - total
+    seqlens = lengths + ([pad] if pad else [])
+    offsets = torch.tensor([0] + seqlens, dtype=torch.long).cumsum(0)
+    positions = torch.cat([torch.arange(n) for n in seqlens])
+    rows = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    source = rows * tokens.shape[1] + positions[:total]  # where each packed token sits in the [b, T] rows
+    valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    unpack_index = (offsets[:len(lengths), None] + torch.arange(max(lengths))[None, :]).clamp(max=total - 1) * valid
+    device = tokens.device
+    source = source.to(device, non_blocking=True)
+    flat = torch.nn.functional.pad(tokens.reshape(-1)[source], (0, pad)).unsqueeze(0)
+    flat_targets = torch.nn.functional.pad(targets.reshape(-1)[source], (0, pad)).unsqueeze(0)
+    return {"tokens": flat, "packed_targets": flat_targets, "position_ids": positions.unsqueeze(0).to(device),
+            "cu_seqlens": offsets.to(torch.int32).to(device), "max_seqlen": max(seqlens),
+            "unpack_index": unpack_index.to(device), "unpack_valid": valid.to(device)}
+
+
+def unpack(values: torch.Tensor | None, mb: dict) -> torch.Tensor | None:
+    """Per-token values of a pack ([1, t]) in the micro-batch's row layout [b, L] (0 where a row has ended)."""
+    if values is None or "unpack_index" not in mb:
+        return values
+    return torch.where(mb["unpack_valid"], values[0][mb["unpack_index"]], torch.zeros((), dtype=values.dtype,
+                                                                                      device=values.device))
+
+
+def token_logprobs(logits: torch.Tensor, mb: dict, **kwargs):
+    """Log-probs (and entropy / proxy as requested) of the micro-batch's targets, in its [b, L] row layout."""
+    packed = "unpack_index" in mb
+    out = vocab_parallel_logprobs(logits, mb["packed_targets"] if packed else mb["targets"], parallel.tp_group(),
+                                  **kwargs)
+    if packed:
+        out = replace(out, **{f: unpack(getattr(out, f), mb) for f in ("logprobs", "entropy", "proxy_logprobs")})
+    return out
 
 
 def build_experience(rollout, rewards: torch.Tensor, adv: A.AdvantageOutput, rows: torch.Tensor) -> Experience:
@@ -68,7 +117,14 @@ def build_experience(rollout, rewards: torch.Tensor, adv: A.AdvantageOutput, row
         response_mask=rollout.response_mask[rows, shift].bool(), loss_mask=adv.loss_mask[rows, shift].bool(),
         advantages=adv.token_advantages[rows, shift].float(), seq_advantages=adv.seq_advantages[rows],
         polarity=adv.polarity[rows], rewards=rewards[rows], rollout_logprobs=rollout.rollout_logprobs[rows, shift],
+        lengths=sequence_lengths(rollout, rows.tolist()),
     )
+
+
+def sequence_lengths(rollout, rows: list[int] | None = None) -> list[int]:
+    """Real positions of each row in next-token layout: prompt + response tokens - 1."""
+    total = (rollout.prompt_lengths + rollout.response_lengths - 1).tolist()
+    return total if rows is None else [total[i] for i in rows]
 
 
 @dataclass
@@ -79,23 +135,32 @@ class LogprobSettings:
 
 
 @torch.no_grad()
-def compute_old_logprobs(policy, exp: Experience, micro_batch_size: int, settings: LogprobSettings) -> bool:
+def compute_old_logprobs(policy, exp: Experience, plan: MicroBatches, settings: LogprobSettings) -> bool:
     """Forward-only pass: fill exp.old_logprobs / old_entropy (/ proxy) on the last stage. True if filled here."""
     def capture(logits, mb):
-        out = vocab_parallel_logprobs(logits, mb["targets"], parallel.tp_group(), temperature=settings.temperature,
-                                      compute_entropy=True, vocab_size=settings.vocab_size,
-                                      minp_kappa=settings.minp_kappa)
+        out = token_logprobs(logits, mb, temperature=settings.temperature, compute_entropy=True,
+                             vocab_size=settings.vocab_size, minp_kappa=settings.minp_kappa)
         return torch.zeros((), device=logits.device), {"lp": out.logprobs, "ent": out.entropy,
                                                        "proxy": out.proxy_logprobs}
 
-    outputs = policy.forward_backward(exp.micro_batches(micro_batch_size), capture, forward_only=True)
+    outputs = policy.forward_backward(exp.micro_batches(plan), capture, forward_only=True)
     if not outputs:
         return False
-    exp.old_logprobs = torch.cat([o["lp"] for o in outputs]).float()
-    exp.old_entropy = torch.cat([o["ent"] for o in outputs]).float()
+    exp.old_logprobs = _rows_back(exp, plan, [o["lp"] for o in outputs])
+    exp.old_entropy = _rows_back(exp, plan, [o["ent"] for o in outputs])
     if settings.minp_kappa is not None:
-        exp.proxy_logprobs = torch.cat([o["proxy"] for o in outputs]).float()
+        exp.proxy_logprobs = _rows_back(exp, plan, [o["proxy"] for o in outputs])
     return True
+
+
+def _rows_back(exp: Experience, plan: MicroBatches, values: list[torch.Tensor]) -> torch.Tensor:
+    """Per-micro-batch [b, L] values in the experience's [B, T] layout (micro-batches may reorder rows)."""
+    if not plan.packed and [r for rows in plan.rows for r in rows] == list(range(len(exp))):
+        return torch.cat(values).float()  # padded micro-batches in row order: already [B, T]
+    out = torch.zeros(exp.targets.shape, dtype=torch.float32, device=values[0].device)
+    for rows, value in zip(plan.rows, values):
+        out[torch.tensor(rows).to(out.device), :value.shape[1]] = value.float()
+    return out
 
 
 @dataclass
@@ -109,20 +174,27 @@ class LossSettings:
     total_steps: int
 
 
-def train_mini_batch(policy, mini: Experience, micro_batch_size: int, settings: LogprobSettings, loss: LossSettings,
+def train_mini_batch(policy, exp: Experience, plan: MicroBatches, settings: LogprobSettings, loss: LossSettings,
                      max_len: int) -> tuple[dict, list[dict]]:
     """forward/backward over the mini-batch's micro-batches with the policy-loss hook, then one optimizer step."""
+    outputs = policy_gradients(policy, exp, plan, settings, loss, max_len)
+    return policy.optimizer_step(), outputs
+
+
+def policy_gradients(policy, exp: Experience, plan: MicroBatches, settings: LogprobSettings, loss: LossSettings,
+                     max_len: int) -> list[dict]:
+    """forward/backward of the policy loss over the mini-batch's micro-batches; the gradients of the whole
+    mini-batch (all DP ranks) end up in the DDP grad buffers. Returns the loss metrics per micro-batch."""
     from megatron.core import parallel_state as ps
 
-    micro = mini.micro_batches(micro_batch_size)
+    micro = exp.micro_batches(plan)
     normaliser = A.global_normaliser([mb["loss_mask"] for mb in micro], dp_group=ps.get_data_parallel_group(),
                                      max_len=max_len)
     needs_entropy = loss.shaper == "fork_tokens" or loss.loss_config.entropy_coef > 0
 
     def policy_loss(logits, mb):
-        cur = vocab_parallel_logprobs(logits, mb["targets"], parallel.tp_group(), temperature=settings.temperature,
-                                      compute_entropy=needs_entropy, entropy_grad=loss.loss_config.entropy_coef > 0,
-                                      vocab_size=settings.vocab_size)
+        cur = token_logprobs(logits, mb, temperature=settings.temperature, compute_entropy=needs_entropy,
+                             entropy_grad=loss.loss_config.entropy_coef > 0, vocab_size=settings.vocab_size)
         ctx = A.AlgoContext(
             response_mask=mb["response_mask"], loss_mask=mb["loss_mask"], advantages=mb["advantages"],
             logprobs=cur.logprobs, old_logprobs=mb["old_logprobs"], entropy=cur.entropy,
@@ -136,5 +208,4 @@ def train_mini_batch(policy, mini: Experience, micro_batch_size: int, settings: 
         metrics["pg_loss_share"] = share.detach()
         return share, metrics
 
-    outputs = policy.forward_backward(micro, policy_loss)
-    return policy.optimizer_step(), outputs
+    return policy.forward_backward(micro, policy_loss)

@@ -105,31 +105,45 @@ class PolicyModel:
     def forward_backward(self, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool = False) -> list[dict]:
         """Run all micro-batches through Megatron's schedule (1F1B / interleaved for PP>1).
 
-        Each micro-batch dict has `tokens` [b, s] (long) plus whatever loss_fn needs. loss_fn runs on the last
-        pipeline stage and returns a scalar already normalised for the *whole* batch across all DP ranks (a
-        sum divided by a global count); the schedule's 1/num_microbatches and DDP's 1/dp averaging are undone,
-        so gradients do not depend on how the batch is split into micro-batches or DP ranks.
+        A micro-batch dict has `tokens`: padded rows [b, s] (long), or one pack [1, t] of sequences laid back
+        to back (THD) with `cu_seqlens`, `max_seqlen` and `position_ids` (see experience.pack_rows); plus whatever
+        loss_fn needs. loss_fn runs on the last pipeline stage and returns a scalar already normalised for the
+        *whole* batch across all DP ranks (a sum divided by a global count); the schedule's 1/num_microbatches
+        and DDP's 1/dp averaging are undone, so gradients do not depend on how the batch is split into
+        micro-batches or DP ranks. Pipeline stages exchange activation shapes per micro-batch
+        (variable_seq_lengths), so micro-batches may differ in shape.
         Returns the metrics dicts of the last stage (empty list on other stages).
         """
+        from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         n = len(micro_batches)
-        seq_len = micro_batches[0]["tokens"].shape[1]
-        mbs = micro_batches[0]["tokens"].shape[0]
-        if any(mb["tokens"].shape != (mbs, seq_len) for mb in micro_batches):
-            raise ValueError("all micro-batches of one forward_backward call must share one [b, s] shape")
-        # Sequence parallelism scatters the sequence over the TP ranks: pad it to a multiple of TP. The padding
-        # comes after every real token, so causal attention keeps it out of the real positions' outputs.
-        model_len = -(-seq_len // self.tp_size) * self.tp_size if self.tconfig.sequence_parallel else seq_len
+        sequence_parallel = self.tconfig.sequence_parallel
+        for mb in micro_batches:
+            if "cu_seqlens" in mb and (mb["tokens"].shape[0] != 1 or (sequence_parallel and
+                                                                         mb["tokens"].shape[1] % self.tp_size)):
+                raise ValueError("a packed micro-batch is one row, padded to a multiple of the TP size under "
+                                 "sequence parallelism (experience.pack_rows does both)")
         device = platform.device()
 
         def step(data_iterator, model):
             batch = to_device(next(data_iterator), device)  # the one place a batch moves to the device
             tokens = batch["tokens"]
-            if model_len != seq_len:
-                tokens = torch.nn.functional.pad(tokens, (0, model_len - seq_len))
-            position_ids = torch.arange(model_len, device=device).unsqueeze(0).expand_as(tokens)
-            output = model(tokens, position_ids, None)
+            seq_len = tokens.shape[1]
+            packed = None
+            if "cu_seqlens" in batch:
+                packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch["cu_seqlens"],
+                                         cu_seqlens_kv=batch["cu_seqlens"], max_seqlen_q=batch["max_seqlen"],
+                                         max_seqlen_kv=batch["max_seqlen"])
+                position_ids = batch["position_ids"]
+            else:
+                # Sequence parallelism scatters the sequence over the TP ranks: pad it to a multiple of TP. The
+                # padding comes after every real token, so causal attention keeps it out of the real positions.
+                model_len = -(-seq_len // self.tp_size) * self.tp_size if sequence_parallel else seq_len
+                if model_len != seq_len:
+                    tokens = torch.nn.functional.pad(tokens, (0, model_len - seq_len))
+                position_ids = torch.arange(model_len, device=device).unsqueeze(0).expand_as(tokens)
+            output = model(tokens, position_ids, None, packed_seq_params=packed)
             return output, partial(_loss_wrapper, loss_fn, batch, n * self.dp_size, seq_len)
 
         data = [iter(micro_batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro_batches)
@@ -137,9 +151,11 @@ class PolicyModel:
         if not forward_only:
             for chunk in self.chunks:
                 chunk.zero_grad_buffer()
-        return forward_backward(
+        longest = max(mb["tokens"].shape[1] for mb in micro_batches)
+        return forward_backward(  # seq_length / micro_batch_size: unused, shapes travel with the activations
             forward_step_func=step, data_iterator=data, model=self.chunks, num_microbatches=n,
-            seq_length=model_len, micro_batch_size=mbs, forward_only=forward_only,
+            seq_length=-(-longest // self.tp_size) * self.tp_size, micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=forward_only,
         )
 
     def optimizer_step(self) -> dict:

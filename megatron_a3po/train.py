@@ -47,7 +47,7 @@ def validate_all(cfg, world_size: int) -> object:
     # checks (which name the RL flags) run first.
     if model_parallel > 0 and world_size % model_parallel == 0:
         validate_rl(rl, world_size=world_size, dp=world_size // model_parallel,
-                    micro_batch_size=cfg.training.micro_batch_size)
+                    micro_batch_size=1 if cfg.training.max_tokens_per_gpu else cfg.training.micro_batch_size)
     cfg.training.global_batch_size = rl.ppo_mini_batch_size * rl.rollout_n
     cfg.training.train_iters = rl.train_steps * max(rl.rollout_batch_size // rl.ppo_mini_batch_size, 1) * rl.ppo_epochs
     if cfg.training.load and not Path(cfg.training.load).exists():

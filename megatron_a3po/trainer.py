@@ -14,12 +14,12 @@ import torch
 
 from megatron_a3po import algorithms as A
 from megatron_a3po import metrics as M
-from megatron_a3po import parallel, platform
+from megatron_a3po import packing, parallel, platform
 from megatron_a3po.checkpointing import injected_nan_step
 from megatron_a3po.data import DynamicSampler
 from megatron_a3po.evaluation.runner import evaluate_items
 from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
-                                      local_rows, train_mini_batch)
+                                      sequence_lengths, train_mini_batch)
 from megatron_a3po.rollout.sampling import SamplingConfig, select_groups
 
 
@@ -45,6 +45,12 @@ class RLTrainer:
         self.logprob_settings = LogprobSettings(
             temperature=self.rl.rollout_temperature, vocab_size=policy.arch.vocab_size,
             minp_kappa=self.loss_config.lp_reg_kappa if loss == "lp_reg" else None)
+        t, p = cfg.training, cfg.parallel
+        self.batching = packing.Batching(
+            micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_gpu,
+            logprob_max_tokens=t.log_probs_max_tokens_per_gpu,
+            multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
+            cost=packing.CostModel.for_model(policy.arch.hidden_size, policy.arch.ffn_hidden_size))
         self.sampling = SamplingConfig(n=self.rl.rollout_n, temperature=self.rl.rollout_temperature,
                                        top_p=self.rl.rollout_top_p, top_k=self.rl.rollout_top_k,
                                        max_new_tokens=self.rl.max_response_length, seed=cfg.training.seed,
@@ -89,13 +95,15 @@ class RLTrainer:
             return {**sampling_metrics, **timer.as_metrics(), "train/skipped_updates": 0.0}
         # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A).
         adv = self.advantage_fn(rewards, batch.response_mask.bool(), self.rl.rollout_n)
-        mini_rows = self.rl.ppo_mini_batch_size * self.rl.rollout_n
-        exp = build_experience(batch, rewards, adv, local_rows(len(batch), mini_rows, parallel.dp_rank(),
-                                                               parallel.dp_size())).to(platform.device())
+        # This DP rank's rows and micro-batches: fixed-size padded ones, or token-budget packs with the rows of
+        # each mini-batch balanced over DP ranks (every rank computes the same plans from the same batch).
+        lengths = sequence_lengths(batch)
+        plans = self.batching.plan(lengths, self.rl.ppo_mini_batch_size * self.rl.rollout_n, parallel.dp_size())
+        mine = plans[parallel.dp_rank()]
+        exp = build_experience(batch, rewards, adv, torch.tensor(mine.rows)).to(platform.device())
         # 4. Old-policy log-probs and entropy (Megatron forward, TP-aware), on the last pipeline stage.
         with timer("old_logprobs"):
-            on_last_stage = compute_old_logprobs(self.policy, exp, self.cfg.training.micro_batch_size,
-                                                 self.logprob_settings)
+            on_last_stage = compute_old_logprobs(self.policy, exp, mine.logprob_pass, self.logprob_settings)
         # 5. Token shaping once per step, before the mini-batch split (A3PO: Â = A * w).
         weights = None
         if on_last_stage and self.shaper is not None and A.shaper_phase(self.shaper) == "step":
@@ -111,12 +119,10 @@ class RLTrainer:
             loss = LossSettings(self.loss_name, self.loss_config, self.agg_mode,
                                 self.shaper_name if self.shaper is not None and A.shaper_phase(self.shaper) ==
                                 "microbatch" else None, None, step, self.rl.train_steps)
-            per_rank = mini_rows // parallel.dp_size()
-            starts = [s for _ in range(self.rl.ppo_epochs) for s in range(0, len(exp), per_rank)]
+            minis = mine.mini_batches * self.rl.ppo_epochs
             updates, loss_outputs = [], []
-            for start in M.progress(starts, desc=f"step {step} updates"):
-                stats, outs = train_mini_batch(self.policy, exp.rows(slice(start, start + per_rank)),
-                                               self.cfg.training.micro_batch_size, self.logprob_settings, loss,
+            for mini in M.progress(minis, desc=f"step {step} updates"):
+                stats, outs = train_mini_batch(self.policy, exp, mini, self.logprob_settings, loss,
                                                max_len=self.rl.max_response_length)
                 updates.append(stats)
                 loss_outputs += outs
@@ -128,6 +134,7 @@ class RLTrainer:
         metrics = M.reduce_statistics(local)
         metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n))
         metrics.update(M.update_statistics(updates))
+        metrics.update(packing.plan_metrics(plans, lengths, exp.tokens.shape[1], self.batching))
         metrics.update(sampling_metrics)
         metrics.update(timer.as_metrics())
         if syncs_before is not None:  # each device-to-host sync stalls a GPU stream

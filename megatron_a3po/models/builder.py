@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from megatron_a3po import platform
 from megatron_a3po.models.families import ModelArch
-from megatron_a3po.models.local_norm import LocalRMSNorm, with_local_norms
+from megatron_a3po.models.local_norm import LocalRMSNorm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,7 +48,29 @@ def layer_spec(arch: ModelArch, use_te: bool):
 
     if use_te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return with_local_norms(specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm"))
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from megatron_a3po.models.local_attention import LocalDotProductAttention
+
+    # megatron's local norm refuses sequence parallelism and its local attention refuses packed sequences
+    return _replace_modules(specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm"),
+                            {WrappedTorchNorm: LocalRMSNorm, DotProductAttention: LocalDotProductAttention})
+
+
+def _replace_modules(spec, replacements: dict):
+    """The layer spec with each module class in `replacements` swapped for its replacement (recursively)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, type) and spec in replacements:
+        return replacements[spec]
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, module=_replace_modules(spec.module, replacements),
+                                   submodules=_replace_modules(spec.submodules, replacements))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _replace_modules(getattr(spec, f.name), replacements)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
 
 
 def block_spec(arch: ModelArch, config, use_te: bool, vp_stage: int | None):

@@ -9,8 +9,6 @@ exactly `torch.nn.RMSNorm`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 
@@ -20,18 +18,3 @@ class LocalRMSNorm(torch.nn.RMSNorm):
             raise ValueError(f"LocalRMSNorm builds RMSNorm only, not {config.normalization}")
         super().__init__(normalized_shape=hidden_size, eps=eps)
         self.weight.sequence_parallel = config.sequence_parallel
-
-
-def with_local_norms(spec):
-    """The spec with every megatron `WrappedTorchNorm` replaced by LocalRMSNorm (recursively)."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    if spec is WrappedTorchNorm:
-        return LocalRMSNorm
-    if isinstance(spec, ModuleSpec):
-        return dataclasses.replace(spec, submodules=with_local_norms(spec.submodules))
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{f.name: with_local_norms(getattr(spec, f.name))
-                                            for f in dataclasses.fields(spec) if f.init})
-    return spec
