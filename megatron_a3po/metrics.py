@@ -59,8 +59,10 @@ def _add(stats: dict, name: str, values: torch.Tensor, mask: torch.Tensor | None
     stats[name] = (total + values.sum().item(), count + values.numel())
 
 
-def step_statistics(exp, weights, loss_outputs: list[dict]) -> dict:
-    """(sum, count) statistics of this rank's rows, split by polarity (A > 0 positive, A < 0 negative)."""
+def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int) -> dict:
+    """(sum, count) statistics of this rank's rows, split by polarity (A > 0 positive, A < 0 negative).
+    loss/pg_loss: the policy loss of a mini-batch (its micro-batch shares summed over micro-batches and DP
+    ranks), averaged over the step's `num_updates` optimizer steps: independent of how batches are split."""
     stats: dict = {}
     mask = exp.response_mask
     lengths = mask.sum(1).float()
@@ -82,7 +84,9 @@ def step_statistics(exp, weights, loss_outputs: list[dict]) -> dict:
         _add(stats, "a3po/shaped_token_fraction", shaped.float(), mask)
     for out in loss_outputs:
         for key, value in out.items():
-            if key.startswith("n_"):  # token counts: summed, then turned into exact ratios after the reduction
+            if key == "pg_loss_share":
+                stats["loss/pg_loss"] = (stats.get("loss/pg_loss", (0.0,))[0] + value.item() / num_updates, "sum")
+            elif key.startswith("n_"):  # token counts: summed, then turned into exact ratios after the reduction
                 stats[key] = (stats.get(key, (0.0,))[0] + value.item(), "sum")
             elif value.dim() == 0:
                 _add(stats, f"loss/{key}", value.reshape(1))

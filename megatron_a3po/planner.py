@@ -137,11 +137,16 @@ def plan(cfg, arch, layout: Layout) -> Plan:
     lines = {"weights": per_gpu * w, "gradients": per_gpu * g, "optimizer": per_gpu * o}
 
     seq = rl.max_prompt_length + rl.max_response_length
-    s, b = seq / cp, t.micro_batch_size
     flash = m.transformer_impl != "local"  # GPUs: Transformer Engine's fused attention
+    if t.max_tokens_per_gpu:  # one pack of up to max_tokens_per_gpu tokens per micro-batch
+        s, b = t.max_tokens_per_gpu / cp, 1
+        # at most this many packs (every sequence at its longest); real length distributions need fewer
+        micro_batches = max(1, math.ceil(rl.ppo_mini_batch_size * rl.rollout_n * seq / (dp * t.max_tokens_per_gpu)))
+    else:
+        s, b = seq / cp, t.micro_batch_size
+        micro_batches = max(1, rl.ppo_mini_batch_size * rl.rollout_n // (b * dp))
     per_layer = activation_bytes_per_layer(s, b, arch.hidden_size, arch.num_attention_heads, tp, p.sequence_parallel,
                                            m.recompute_granularity, flash)
-    micro_batches = max(1, rl.ppo_mini_batch_size * rl.rollout_n // (b * dp))
     in_flight = arch.num_layers / pp * min(pp, micro_batches)  # 1F1B: first stage
     vpp = p.num_layers_per_virtual_pipeline_stage
     if vpp and pp > 1:
@@ -152,7 +157,9 @@ def plan(cfg, arch, layout: Layout) -> Plan:
         acts += activation_bytes_per_layer(s, b, arch.hidden_size, arch.num_attention_heads, tp,
                                            p.sequence_parallel, None, flash)
     lines["activations"] = acts
-    logits = b * s * vocab / tp * 4
+    # the old-log-prob pass (forward only) may use a larger token budget: its logits can be the largest
+    logit_tokens = max(b * s, (t.log_probs_max_tokens_per_gpu or 0) / cp)
+    logits = logit_tokens * vocab / tp * 4
     lines["logits"] = logits + 2 * min(_LOGPROB_CHUNK, logits / 16)
 
     dtype_bytes = 2 if half else 4
@@ -196,7 +203,10 @@ def suggestions(cfg, arch, layout: Layout, gpus_per_node: int) -> list[tuple[str
         candidates.append(("--recompute-granularity full", {"model.recompute_granularity": "full"}))
     if not t.use_distributed_optimizer:
         candidates.append(("--use-distributed-optimizer", {"training.use_distributed_optimizer": True}))
-    if t.micro_batch_size > 1:
+    if t.max_tokens_per_gpu and t.max_tokens_per_gpu // 2 >= rl.max_prompt_length + rl.max_response_length:
+        half = t.max_tokens_per_gpu // 2
+        candidates.append((f"--max-tokens-per-gpu {half}", {"training.max_tokens_per_gpu": half}))
+    elif not t.max_tokens_per_gpu and t.micro_batch_size > 1:
         mb = t.micro_batch_size // 2
         candidates.append((f"--micro-batch-size {mb}", {"training.micro_batch_size": mb}))
     tp = p.tensor_model_parallel_size * 2

@@ -130,7 +130,7 @@ class RLTrainer:
         with timer("refit"):
             self.engine.refit(self.policy.hf_state())
         # 8. Metrics (polarity-split), reduced over all ranks.
-        local = M.step_statistics(exp, weights, loss_outputs) if on_last_stage and parallel.tp_rank() == 0 else {}
+        local = M.step_statistics(exp, weights, loss_outputs, len(updates)) if on_last_stage and parallel.tp_rank() == 0 else {}
         metrics = M.reduce_statistics(local)
         metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n))
         metrics.update(M.update_statistics(updates))

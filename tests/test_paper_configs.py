@@ -45,6 +45,7 @@ def test_overlay_shrinks_sizes_and_keeps_the_flags(config):
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.model.recompute_granularity == "full"
     assert cfg.training.clip_grad == paper["training"]["clip_grad"] == 1.0
     assert cfg.training.micro_batch_size == paper["training"]["micro_batch_size"]
+    assert paper["training"]["max_tokens_per_gpu"] and cfg.training.max_tokens_per_gpu == 32  # packed, shrunk
     assert (cfg.rl.clip_ratio_low, cfg.rl.clip_ratio_high) == (0.2, 0.28)
     assert cfg.rl.loss_agg_mode == "token-mean" and cfg.rl.algorithm == "a3po"
     assert cfg.rl.rollout_tensor_parallel_size == min(paper["rl"]["rollout_tensor_parallel_size"], 2)
@@ -66,6 +67,8 @@ def test_first_rl_step_under_emulation(config, tmp_path):
     assert step["pos/count"] > 0 and step["neg/count"] > 0  # mixed rewards: a real policy gradient
     assert step["mismatch/logp_abs_mean"] < 0.05  # vLLM (bf16) vs Megatron (bf16) after refit
     assert step["sync/host_syncs"] > 0  # counted under emulation (each one stalls a GPU stream)
+    assert step["train/computed_tokens"] <= 1.1 * step["train/real_tokens"]  # packed (THD), SP-padded packs
+    assert step["train/dp_imbalance"] == 1.0  # TP=2 on 2 ranks: DP=1
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_000001"
 
 

@@ -11,7 +11,6 @@ Context parallelism is not implemented here (the job refuses packing with CP > 1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
@@ -40,8 +39,11 @@ class LocalDotProductAttention(DotProductAttention):
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         outputs = []
         for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths)):
-            # [L, h, d] -> [h, L, d]; softmax in fp32 as megatron's unfused path does (attention_softmax_in_fp32)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(),
-                                                 v.transpose(0, 1).float(), is_causal=True, scale=scale)
-            outputs.append(out.transpose(0, 1).to(query.dtype))
+            # [L, h, d] -> [h, L, d]; scores and softmax in fp32, as megatron's unfused path does
+            # (attention_softmax_in_fp32). The causal mask is made where q lives (the device).
+            q, k, v = (x.transpose(0, 1).float() for x in (q, k, v))
+            scores = torch.matmul(q, k.transpose(1, 2)) * scale
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=query.device).tril()
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            outputs.append(torch.matmul(probs, v).transpose(0, 1).to(query.dtype))
         return torch.cat(outputs)  # [t, np, hn]: megatron's Attention reshapes it to [t, 1, np * hn]
