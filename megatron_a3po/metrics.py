@@ -17,16 +17,25 @@ import torch.distributed as dist
 
 
 class PhaseTimer:
+    """Seconds per phase of a step. A phase timed inside another counts for itself only (exclusive times: the
+    reward scoring inside the rollout call is `reward`, not `rollout`)."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open phase: seconds spent in phases nested inside it
 
     @contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            inner = self._inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
+            if self._inner:
+                self._inner[-1] += elapsed
 
     def as_metrics(self) -> dict:
         return {f"time/{k}": v for k, v in self.seconds.items()}

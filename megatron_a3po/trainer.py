@@ -157,14 +157,17 @@ class RLTrainer:
             if self.rl.dynamic_sampling else None
         generated = correct = 0
         for round_ in itertools.count():
+            items = [self.train_data[i] for i in self.sampler.next_indices(self.rl.rollout_batch_size)]
+
+            def score(prompt_indices: list[int], responses: list[list[int]]) -> list[float]:
+                with timer("reward"):  # each rank scores its share only; the rewards come back with the batch
+                    texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+                    return self.reward_fn.batch(texts, [items[i].ground_truth for i in prompt_indices])
+
             with timer("rollout"):
-                items = [self.train_data[i] for i in self.sampler.next_indices(self.rl.rollout_batch_size)]
                 batch = self.engine.generate([it.prompt_ids for it in items], self.sampling, pad, step=step,
-                                             round=round_)
-            with timer("reward"):
-                texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
-                truths = [it.ground_truth for it in items for _ in range(n)]
-                rewards = torch.tensor(self.reward_fn.batch(texts, truths), dtype=torch.float32)
+                                             round=round_, score=score)
+            rewards = batch.rewards
             if keeper is None:
                 return batch, rewards, {}
             generated, correct = generated + len(rewards), correct + int((rewards > 0).sum())

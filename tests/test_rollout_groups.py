@@ -32,9 +32,16 @@ def _groups_body(hf_dir):
         return outs
 
     engine.llm.generate = recording
-    sampled = engine.generate(PROMPTS, SamplingConfig(n=N, max_new_tokens=MAX_NEW, stop=STOP, seed=1), pad_id=0)
+    scored = []
+
+    def score(prompt_indices, responses):  # a deterministic reward: every rank records what it scored
+        scored.extend((i, tuple(r)) for i, r in zip(prompt_indices, responses))
+        return [100.0 * i + len(r) for i, r in zip(prompt_indices, responses)]
+
+    sampled = engine.generate(PROMPTS, SamplingConfig(n=N, max_new_tokens=MAX_NEW, stop=STOP, seed=1), pad_id=0,
+                              score=score)
     greedy = engine.generate(PROMPTS, SamplingConfig(n=1, temperature=0.0, max_new_tokens=GREEDY_NEW), pad_id=0)
-    return dict(group=engine.group, calls=calls, sampled=vars(sampled), greedy=vars(greedy))
+    return dict(group=engine.group, calls=calls, sampled=vars(sampled), greedy=vars(greedy), scored=scored)
 
 
 def _hf_model(hf_dir):
@@ -61,6 +68,16 @@ def test_two_rollout_groups_split_gather_and_match_hf(tmp_path):
     assert [r["group"] for r in results] == [0, 1]
     assert [c["prompts"] for c in results[0]["calls"]] == [PROMPTS[:2], PROMPTS[:2]]
     assert [c["prompts"] for c in results[1]["calls"]] == [PROMPTS[2:], PROMPTS[2:]]
+
+    # Rewards once: each group scored only the responses it generated (disjoint shares covering the batch), and
+    # both ranks hold identical rewards, in row order, for every response.
+    assert {i for i, _ in results[0]["scored"]} == {0, 1} and {i for i, _ in results[1]["scored"]} == {2}
+    assert len(results[0]["scored"]) + len(results[1]["scored"]) == len(PROMPTS) * N
+    b = results[0]["sampled"]
+    expected = torch.tensor([100.0 * (row // N) + len(r) for row, r in enumerate(b["responses"])])
+    assert torch.equal(results[0]["sampled"]["rewards"], expected)
+    assert torch.equal(results[1]["sampled"]["rewards"], expected)
+    assert results[0]["greedy"]["rewards"] is None  # no score callable: no rewards
 
     # Both ranks hold the same gathered batch.
     for key in ("tokens", "response_mask", "rollout_logprobs", "truncated", "responses"):

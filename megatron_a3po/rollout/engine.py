@@ -8,7 +8,7 @@ all-gathered so every rank holds the whole batch, which is what the (DP-sharded)
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -70,10 +70,14 @@ class RolloutEngine:
     # ---- generation -------------------------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig, pad_id: int, step: int = 0,
-                 round: int = 0) -> RolloutBatch:
+                 round: int = 0, score: Callable[[list[int], list[list[int]]], list[float]] | None = None
+                 ) -> RolloutBatch:
         """Generate `sampling.n` responses per prompt; collective over all ranks; returns the whole batch.
 
         `round` > 0: a further generation round of the same step (dynamic sampling), with random draws of its own.
+        `score(prompt_indices, responses) -> rewards`: every rank scores a disjoint share of the batch (its rollout
+        group's responses, split among the group's ranks) before the gather; the rewards travel with the
+        gathered tokens (batch.rewards), so every rank holds identical rewards and each response is scored once.
         """
         sampling.validate()
         self.wake_up()
@@ -85,15 +89,30 @@ class RolloutEngine:
             outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params,
                                         use_tqdm=progress_enabled()) if share else []
         local = [_unpack(out) for out in outputs]
+        scored: list[tuple[int, int, float]] = []  # (prompt, sample, reward) this rank scored
+        if score is not None:
+            rows = [(i, k) for i, result in zip(share, local) for k in range(len(result[0]))]
+            mine = rows[dist.get_rank() % self.rollout_tp::self.rollout_tp]  # this rank's part of its group's share
+            responses = dict(zip(share, (result[0] for result in local)))
+            rewards = score([i for i, _ in mine], [responses[i][k] for i, k in mine]) if mine else []
+            if len(rewards) != len(mine):
+                raise RuntimeError(f"the reward function returned {len(rewards)} rewards for {len(mine)} responses")
+            scored = [(i, k, float(r)) for (i, k), r in zip(mine, rewards)]
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.group, share, local))
+        dist.all_gather_object(gathered, (self.group, share, local, scored))
         per_prompt: dict[int, tuple] = {}
-        for group, indices, results in gathered:
+        rewards_of: dict[tuple[int, int], float] = {}
+        for group, indices, results, group_scores in gathered:
             for i, res in zip(indices, results):
                 per_prompt[i] = res
+            rewards_of.update({(i, k): r for i, k, r in group_scores})
         ordered = [per_prompt[i] for i in range(len(prompts))]
-        return pack_rollouts(prompts, [o[0] for o in ordered], [o[1] for o in ordered], [o[2] for o in ordered],
-                             pad_id)
+        batch = pack_rollouts(prompts, [o[0] for o in ordered], [o[1] for o in ordered], [o[2] for o in ordered],
+                              pad_id)
+        if score is not None:
+            batch.rewards = torch.tensor([rewards_of[(i, k)] for i in range(len(prompts))
+                                          for k in range(len(ordered[i][0]))], dtype=torch.float32)
+        return batch
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """vLLM's log-prob of every token after the first, given its prefix (prompt_logprobs); local, no gather."""

@@ -62,6 +62,7 @@ class RolloutBatch:
     response_lengths: torch.Tensor  # [B] long
     responses: list[list[int]]  # response token ids per row (for decoding / rewards)
     group_size: int
+    rewards: torch.Tensor | None = None  # [B] when the engine scored the responses (RolloutEngine.generate)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
