@@ -155,3 +155,22 @@ def test_packed_matches_padded_in_every_layout(tmp_path):
             torch.testing.assert_close(pk_grads[name], pad_grads[name], atol=1e-5, rtol=0, msg=f"{label} {name}")
         # packing needed fewer forward passes than padded rows of 2
         assert ranks[0][label]["packed"][3] < ranks[0][label]["padded"][3], label
+
+
+# ---- refusals (no process group) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-tokens-per-gpu", "16"], r"--max-tokens-per-gpu 16 cannot hold the longest sequence \(23 tokens"),
+    (["--max-tokens-per-gpu", "24", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--log-probs-max-tokens-per-gpu", "23"], r"--log-probs-max-tokens-per-gpu 23 .*\(24 tokens.*multiple of TP"),
+    (["--log-probs-max-tokens-per-gpu", "64"], "needs --max-tokens-per-gpu"),
+    (["--max-tokens-per-gpu", "64", "--context-parallel-size", "2"], "context-parallel-size > 1 need Transformer"),
+])
+def test_bad_packing_flags_are_refused(flags, message):
+    from megatron_a3po import config as C
+
+    cfg, _ = C.parse_args(["--tiny-model", "qwen2", "--max-prompt-length", "16", "--max-response-length", "8",
+                           *flags])
+    with pytest.raises(C.ConfigError, match=message):
+        C.validate(cfg, world_size=4)
