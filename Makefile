@@ -11,8 +11,11 @@ $(VENV_STAMP): pyproject.toml uv.lock launch/setup_env.sh
 
 setup: $(VENV_STAMP)
 
+# Two pytest workers (pytest-xdist), one module per worker at a time: multi-process tests leave CPU idle while
+# ranks wait on each other, which the other worker fills. PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 test: $(VENV_STAMP)
-	.venv/bin/python -m pytest tests $(PYTEST_ARGS)
+	.venv/bin/python -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: $(VENV_STAMP)
 	bash launch/demo.sh

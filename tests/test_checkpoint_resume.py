@@ -55,7 +55,7 @@ def paper_run(config: str) -> list[str]:
 def start_job(args: list[str], log: Path, env: dict | None = None, base: list[str] = TINY_RUN) -> subprocess.Popen:
     """The training job under torchrun (which starts each rank in a session of its own: see signal_job)."""
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.Popen([TORCHRUN, "--nproc-per-node", "2", "-m", "megatron_a3po.train", *base, *args],
+    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "megatron_a3po.train", *base, *args],
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

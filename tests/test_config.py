@@ -95,7 +95,7 @@ def test_bad_config_exits_nonzero_before_any_process_group():
     """A 2-rank torchrun job with an impossible TP exits quickly with the message (no hanging rendezvous)."""
     start = time.monotonic()
     proc = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", "2",
+        [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", "2",
          "-m", "megatron_a3po.smoke", "--tensor-model-parallel-size", "3"],
         capture_output=True, text=True, timeout=120,
     )

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA emulatio
 def _torchrun(module: str, args: list[str], log: Path) -> int:
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **EMULATED}
     with log.open("w") as out:
-        return subprocess.run([TORCHRUN, "--nproc-per-node", "2", "-m", module, *args], cwd=REPO, env=env,
+        return subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", module, *args], cwd=REPO, env=env,
                               stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
 
 

@@ -34,7 +34,7 @@ LAYOUTS = {"tp1": (1, ["--tensor-model-parallel-size", "1"]),
 def run_job(nproc: int, args: list[str], out: Path) -> list[dict]:
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", "A3PO_PROGRESS": "0",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([TORCHRUN, "--nproc-per-node", str(nproc), "-m", "megatron_a3po.train", *RUN, *args,
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "-m", "megatron_a3po.train", *RUN, *args,
                            "--output-dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return [r for r in rows(out) if "train/lr" in r]
