@@ -197,6 +197,10 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
             f"launch a multiple of {tp * pp * cp} ranks (torchrun --nproc-per-node) or shrink the parallel sizes"
         )
     dp = world_size // (tp * pp * cp)
+    if cp > 1:  # megatron's attention expects each CP rank's slice of every sequence; nothing here cuts them
+        raise ConfigError("--context-parallel-size > 1 is not supported yet: the trainer does not split sequences "
+                          "over context-parallel ranks (padded or packed). For long sequences use "
+                          "--tensor-model-parallel-size with --sequence-parallel and --max-tokens-per-gpu")
     if p.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag or raise TP")
     if t.max_tokens_per_gpu is None and t.global_batch_size % (t.micro_batch_size * dp):
@@ -250,8 +254,6 @@ def _validate_fp8(m: ModelConfig) -> None:
 
 
 def _validate_packing(cfg: Config) -> None:
-    from megatron_a3po.models.builder import use_transformer_engine
-
     t, p, rl = cfg.training, cfg.parallel, cfg.rl
     if t.max_tokens_per_gpu is None:
         if t.log_probs_max_tokens_per_gpu is not None:
@@ -265,10 +267,6 @@ def _validate_packing(cfg: Config) -> None:
             raise ConfigError(f"{flag} {value} cannot hold the longest sequence ({longest} tokens: --max-prompt-length "
                               f"+ --max-response-length - 1{', rounded up to a multiple of TP' if multiple > 1 else ''}"
                               f"); raise it to at least {longest}")
-    if p.context_parallel_size > 1 and not use_transformer_engine(cfg.model.transformer_impl):
-        raise ConfigError("packed sequences (--max-tokens-per-gpu) with --context-parallel-size > 1 need Transformer "
-                          "Engine's attention (CUDA); the local attention has no context parallelism. Drop one of "
-                          "the two, or run on GPUs with TE")
 
 
 def validate_against_arch(cfg: Config, arch) -> None:

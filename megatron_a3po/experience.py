@@ -4,6 +4,11 @@ Layout: next-token prediction, so every per-token tensor is [B, T-1] aligned wit
 (position t of the logits predicts token t+1). Rows are this DP rank's share of each mini-batch, so every
 optimizer step sees the same global mini-batch whatever the DP size. Per-token values that only the last
 pipeline stage computes (old log-probs, entropy, shaping weights) stay there: that is where the loss runs.
+
+Micro-batches (planned by packing.py) are padded rows as stored, or packs: the rows' real tokens laid back to
+back for the model (THD), while the loss sees the rows cut to their longest sequence ([b, L]); log-probs and
+entropy computed on the pack are mapped back to that layout (`token_logprobs`), so the algorithms are the same
+for both.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from megatron_a3po import algorithms as A
 from megatron_a3po import parallel
 from megatron_a3po.logprobs import vocab_parallel_logprobs
 from megatron_a3po.packing import MicroBatches
+
 
 @dataclass
 class Experience:
