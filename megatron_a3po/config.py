@@ -50,8 +50,8 @@ class ModelConfig:
 class TrainingConfig:
     micro_batch_size: int = 1  # padded rows per micro-batch (unused with max_tokens_per_gpu)
     # Packed (THD) micro-batches of at most this many tokens per GPU, DP ranks balanced by compute (slime's names)
-    max_tokens_per_gpu: int | None = None
-    log_probs_max_tokens_per_gpu: int | None = None  # the forward-only old-log-prob pass; default max_tokens_per_gpu
+    max_tokens_per_gpu: int = 0  # 0: padded micro-batches of micro_batch_size rows
+    log_probs_max_tokens_per_gpu: int = 0  # the forward-only old-log-prob pass; 0: max_tokens_per_gpu
     global_batch_size: int = 8
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -203,7 +203,7 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
                           "--tensor-model-parallel-size with --sequence-parallel and --max-tokens-per-gpu")
     if p.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1; drop the flag or raise TP")
-    if t.max_tokens_per_gpu is None and t.global_batch_size % (t.micro_batch_size * dp):
+    if not t.max_tokens_per_gpu and t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"--global-batch-size {t.global_batch_size} must be divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}; choose a multiple of {t.micro_batch_size * dp}"
@@ -255,15 +255,17 @@ def _validate_fp8(m: ModelConfig) -> None:
 
 def _validate_packing(cfg: Config) -> None:
     t, p, rl = cfg.training, cfg.parallel, cfg.rl
-    if t.max_tokens_per_gpu is None:
-        if t.log_probs_max_tokens_per_gpu is not None:
+    if t.max_tokens_per_gpu < 0 or t.log_probs_max_tokens_per_gpu < 0:
+        raise ConfigError("--max-tokens-per-gpu and --log-probs-max-tokens-per-gpu must be >= 0 (0: off)")
+    if not t.max_tokens_per_gpu:
+        if t.log_probs_max_tokens_per_gpu:
             raise ConfigError("--log-probs-max-tokens-per-gpu needs --max-tokens-per-gpu (packed micro-batches)")
         return
     multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
     longest = -(-(rl.max_prompt_length + rl.max_response_length - 1) // multiple) * multiple
     for flag, value in (("--max-tokens-per-gpu", t.max_tokens_per_gpu),
                         ("--log-probs-max-tokens-per-gpu", t.log_probs_max_tokens_per_gpu)):
-        if value is not None and value < longest:
+        if value and value < longest:
             raise ConfigError(f"{flag} {value} cannot hold the longest sequence ({longest} tokens: --max-prompt-length "
                               f"+ --max-response-length - 1{', rounded up to a multiple of TP' if multiple > 1 else ''}"
                               f"); raise it to at least {longest}")

@@ -47,8 +47,8 @@ class RLTrainer:
             minp_kappa=self.loss_config.lp_reg_kappa if loss == "lp_reg" else None)
         t, p = cfg.training, cfg.parallel
         self.batching = packing.Batching(
-            micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_gpu,
-            logprob_max_tokens=t.log_probs_max_tokens_per_gpu,
+            micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_gpu or None,
+            logprob_max_tokens=t.log_probs_max_tokens_per_gpu or None,
             multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
             cost=packing.CostModel.for_model(policy.arch.hidden_size, policy.arch.ffn_hidden_size))
         self.sampling = SamplingConfig(n=self.rl.rollout_n, temperature=self.rl.rollout_temperature,

@@ -86,29 +86,3 @@ def test_cli_refuses_bad_input(tiny, tmp_path):
     assert a3po(["eval", "--model", str(tmp_path), "--benchmark", f"m={files['math']}", "--output", "x.json"]) == 2
     bad = _write(tmp_path / "bad.jsonl", [{"problem": "x"}])
     assert a3po(["eval", "--model", model, "--benchmark", f"m={bad}:math", "--output", "x.json"]) == 2
-
-
-def _trainer_call(model):
-    """What RLTrainer.evaluate does: data.PromptItems, its reward function, the shared engine."""
-    from transformers import AutoTokenizer
-
-    from megatron_a3po.data import PromptDataset
-    from megatron_a3po.evaluation.runner import evaluate_items
-    from megatron_a3po.rewards import get_reward_fn, make_arithmetic_dataset
-    from megatron_a3po.rollout.engine import RolloutEngine
-    from megatron_a3po.rollout.sampling import SamplingConfig
-
-    tok = AutoTokenizer.from_pretrained(model)
-    items = PromptDataset.from_dicts(make_arithmetic_dataset(5, seed=0), tok, max_prompt_length=64,
-                                     raw_prompt=True).items
-    engine = RolloutEngine(model, max_model_len=128, load_format="auto")
-    sampling = SamplingConfig(n=4, temperature=0.6, top_p=0.95, max_new_tokens=4, seed=7)
-    return evaluate_items(engine, tok, items, sampling, reward_fn=get_reward_fn("arithmetic"), step=10_000)
-
-
-def test_evaluate_items_for_the_trainer(tiny):
-    _, model, _ = tiny
-    out = run_in_ranks(_trainer_call, 1, (model,), timeout=600, env=ENV)[0]
-    assert out["items"] == 5 and out["n"] == 4
-    assert set(out) >= {"avg@4", "pass@1", "pass@2", "pass@4", "length_mean", "truncated_fraction"}
-    assert 0 <= out["avg@4"] <= out["pass@4"] <= 1 and out["length_max"] <= 4

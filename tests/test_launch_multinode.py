@@ -21,6 +21,9 @@ TINY_2_STEPS = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model",
                 "--tensor-model-parallel-size", "1", "--train-steps", "2", "--rollout-batch-size", "8",
                 "--ppo-mini-batch-size", "4", "--rollout-n", "4", "--micro-batch-size", "8",
                 "--max-response-length", "6", "--eval-prompts", "8", "--eval-n", "2", "--eval-interval", "0"]
+# The two-node run also trains with DAPO dynamic sampling (DP=2 across the nodes); the reward hook scores the
+# first character's parity, so the random model's groups are a mix of informative and constant ones.
+DYNAMIC = ["--reward", "layout_reward:first_char_parity", "--dynamic-sampling", "--max-num-gen-batches", "3"]
 
 
 def free_port() -> int:
@@ -32,7 +35,8 @@ def free_port() -> int:
 def node_env(rank: int, port: int, **extra: str) -> dict:
     return {**os.environ, "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": f"loopback-{port}",
-            "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **extra}
+            "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **extra}
 
 
 def start_node(rank: int, port: int, args: list[str], log: Path) -> subprocess.Popen:
@@ -54,9 +58,9 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
-def test_two_nodes_on_loopback_train_two_rl_steps(tmp_path):
+def test_two_nodes_on_loopback_train_two_rl_steps_with_dynamic_sampling(tmp_path):
     out, port = tmp_path / "out", free_port()
-    args = [*TINY_2_STEPS, "--output-dir", str(out)]
+    args = [*TINY_2_STEPS, *DYNAMIC, "--output-dir", str(out)]
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
     nodes = [start_node(0, port, args, logs[0])]
     try:
@@ -77,8 +81,16 @@ def test_two_nodes_on_loopback_train_two_rl_steps(tmp_path):
         assert f"preflight ok (node {rank}): world 2 = 2 node(s) x 1" in text
         assert f"node {rank}/2: torchrun 1 ranks, rendezvous 127.0.0.1:{port}" in text
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert sorted(r["step"] for r in rows if "train/lr" in r) == [1, 2]
+    steps = [r for r in rows if "train/lr" in r]
+    assert sorted(r["step"] for r in steps) == [1, 2]
     assert "validation accuracy: before" in texts[0] + texts[1]
+    for r in steps:  # dynamic sampling: only groups whose rewards vary reach training
+        assert 1 <= r["dynamic/rounds"] <= 3
+        assert r["dynamic/kept"] == r["dynamic/trained_prompts"] == 8  # a full batch of informative groups
+        assert r["buckets/0_of_4"] == 0 and r["buckets/4_of_4"] == 0  # no constant group reached training
+        assert r["dynamic/dropped_all_correct"] + r["dynamic/dropped_all_wrong"] + r["dynamic/kept"] + \
+            r["dynamic/surplus"] == 8 * r["dynamic/rounds"]
+        assert r["train/grad_norm"] > 0
 
 
 def test_launch_scripts_parse_and_pass_flags_through(tmp_path):

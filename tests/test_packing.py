@@ -165,6 +165,7 @@ def test_packed_matches_padded_in_every_layout(tmp_path):
     (["--max-tokens-per-gpu", "24", "--tensor-model-parallel-size", "2", "--sequence-parallel",
       "--log-probs-max-tokens-per-gpu", "23"], r"--log-probs-max-tokens-per-gpu 23 .*\(24 tokens.*multiple of TP"),
     (["--log-probs-max-tokens-per-gpu", "64"], "needs --max-tokens-per-gpu"),
+    (["--max-tokens-per-gpu", "-1"], "must be >= 0"),
     (["--max-tokens-per-gpu", "64", "--context-parallel-size", "2"], "context-parallel-size > 1 is not supported"),
 ])
 def test_bad_packing_flags_are_refused(flags, message):

@@ -72,16 +72,37 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("family", list(LAYOUTS))
-def test_parallel_layouts_match_hf_and_each_other(tmp_path, family):
+def _layouts_in_one_group(hf_dirs: dict, cases: list) -> dict:
+    """Every (family, layout) case of this world size in one process group (layouts re-initialised in turn):
+    spawning ranks costs more than the cases themselves."""
+    return {(family, label): _megatron_loss_and_grads(hf_dirs[family], *layout) for family, label, layout in cases}
+
+
+@pytest.fixture(scope="module")
+def megatron_runs(tmp_path_factory):
     from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
 
-    hf_dir = str(write_tiny_hf_checkpoint(tmp_path / family, family, seed=1))
-    ref_loss, ref_grads = _hf_reference(hf_dir)
+    root = tmp_path_factory.mktemp("parity")
+    hf_dirs = {family: str(write_tiny_hf_checkpoint(root / family, family, seed=1)) for family in LAYOUTS}
+    by_world: dict[int, list] = {}
+    for family, layouts in LAYOUTS.items():
+        for label, layout in layouts.items():
+            by_world.setdefault(layout[0] * layout[1], []).append((family, label, layout))
+    runs = {}
+    for world, cases in by_world.items():
+        for results in run_in_ranks(_layouts_in_one_group, world, (hf_dirs, cases)):  # one dict per rank
+            for case, result in results.items():
+                runs.setdefault(case, []).append(result)
+    return hf_dirs, runs
+
+
+@pytest.mark.parametrize("family", list(LAYOUTS))
+def test_parallel_layouts_match_hf_and_each_other(megatron_runs, family):
+    hf_dirs, runs = megatron_runs
+    ref_loss, ref_grads = _hf_reference(hf_dirs[family])
     baseline = None
-    for label, layout in LAYOUTS[family].items():
-        world = layout[0] * layout[1]
-        results = run_in_ranks(_megatron_loss_and_grads, world, (hf_dir, *layout))
+    for label in LAYOUTS[family]:
+        results = runs[(family, label)]
         losses = [loss for loss, _ in results if loss is not None]
         assert losses, f"{label}: no rank reported the loss"
         for loss in losses:

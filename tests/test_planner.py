@@ -137,9 +137,13 @@ def test_over_budget_names_the_knob_that_fits(capsys):
     assert code == 1 and "DOES NOT FIT: rollout phase needs" in out
     assert "try --gpu-memory-utilization 0.73:" in out and "-> fits" in out
     code = a3po(["plan", "--config", str(path), "--nodes", "2", "--recompute-granularity", "selective",
-                 "--micro-batch-size", "16", "--no-use-distributed-optimizer"])
-    out = capsys.readouterr().out
+                 "--max-tokens-per-gpu", "0", "--micro-batch-size", "16", "--no-use-distributed-optimizer"])
+    out = capsys.readouterr().out  # padded micro-batches (packing off)
     assert code == 1 and "DOES NOT FIT: training phase needs" in out and "try --micro-batch-size 8" in out
+    code = a3po(["plan", "--config", str(path), "--nodes", "2", "--recompute-granularity", "selective",
+                 "--max-tokens-per-gpu", "163840", "--no-use-distributed-optimizer"])
+    out = capsys.readouterr().out  # packed: the token budget is the knob
+    assert code == 1 and "DOES NOT FIT: training phase needs" in out and "try --max-tokens-per-gpu 81920" in out
 
 
 def test_architecture_from_config_json_and_clear_errors(tmp_path, capsys):

@@ -6,6 +6,7 @@ around `llm.generate`), Hugging Face transformers' forward (log-probs) and greed
 
 import math
 
+import pytest
 import torch
 
 from megatron_a3po.spawn import run_in_ranks
@@ -41,7 +42,10 @@ def _groups_body(hf_dir):
     sampled = engine.generate(PROMPTS, SamplingConfig(n=N, max_new_tokens=MAX_NEW, stop=STOP, seed=1), pad_id=0,
                               score=score)
     greedy = engine.generate(PROMPTS, SamplingConfig(n=1, temperature=0.0, max_new_tokens=GREEDY_NEW), pad_id=0)
-    return dict(group=engine.group, calls=calls, sampled=vars(sampled), greedy=vars(greedy), scored=scored)
+    # The same prompt 4 times: each group gets 2 copies in one vLLM call.
+    duplicates = engine.generate([[3, 20, 21]] * 4, SamplingConfig(n=2, max_new_tokens=8, seed=5), pad_id=0)
+    return dict(group=engine.group, calls=calls, sampled=vars(sampled), greedy=vars(greedy), scored=scored,
+                duplicates=duplicates.responses)
 
 
 def _hf_model(hf_dir):
@@ -54,20 +58,27 @@ def _cut_at_eos(ids, eos):
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
-def test_two_rollout_groups_split_gather_and_match_hf(tmp_path):
-    from megatron_a3po.models.tiny import build_tokenizer, write_tiny_hf_checkpoint
+@pytest.fixture(scope="module")
+def groups_run(tmp_path_factory):
+    from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
 
     # init_std 0.2: peaked enough that greedy decoding does not just repeat one token, with top-2 logit gaps
     # far above float32 noise, so vLLM and transformers must agree token for token.
-    hf_dir = str(write_tiny_hf_checkpoint(tmp_path / "m", "qwen2", seed=3, init_std=0.2))
-    results = run_in_ranks(_groups_body, 2, (hf_dir,), timeout=600, env=VLLM_ENV)
+    hf_dir = str(write_tiny_hf_checkpoint(tmp_path_factory.mktemp("groups") / "m", "qwen2", seed=3, init_std=0.2))
+    return hf_dir, run_in_ranks(_groups_body, 2, (hf_dir,), timeout=600, env=VLLM_ENV)
+
+
+def test_two_rollout_groups_split_gather_and_match_hf(groups_run):
+    from megatron_a3po.models.tiny import build_tokenizer
+
+    hf_dir, results = groups_run
     tok = build_tokenizer()
     eos, stop_ids = tok.eos_token_id, set(tok.convert_tokens_to_ids(STOP))
 
     # Each group generated only its contiguous share (the first group takes the remainder).
     assert [r["group"] for r in results] == [0, 1]
-    assert [c["prompts"] for c in results[0]["calls"]] == [PROMPTS[:2], PROMPTS[:2]]
-    assert [c["prompts"] for c in results[1]["calls"]] == [PROMPTS[2:], PROMPTS[2:]]
+    assert [c["prompts"] for c in results[0]["calls"][:2]] == [PROMPTS[:2], PROMPTS[:2]]  # sampled, greedy
+    assert [c["prompts"] for c in results[1]["calls"][:2]] == [PROMPTS[2:], PROMPTS[2:]]
 
     # Rewards once: each group scored only the responses it generated (disjoint shares covering the batch), and
     # both ranks hold identical rewards, in row order, for every response.
@@ -128,25 +139,13 @@ def test_two_rollout_groups_split_gather_and_match_hf(tmp_path):
         assert math.isclose(float(g["response_mask"][p].sum()), len(g["responses"][p]))
 
 
-def _duplicate_prompts_body(hf_dir):
-    from megatron_a3po import parallel
-    from megatron_a3po.rollout.engine import RolloutEngine
-    from megatron_a3po.rollout.sampling import SamplingConfig
-
-    parallel.init_model_parallel(parallel.ParallelSizes(), seed=0)
-    engine = RolloutEngine(hf_dir, rollout_tp=1, max_model_len=64, seed=0, load_format="auto")
-    batch = engine.generate([[3, 20, 21], [3, 20, 21]], SamplingConfig(n=2, max_new_tokens=8, seed=5), pad_id=0)
-    return batch.responses
-
-
-def test_duplicate_prompts_get_independent_samples(tmp_path):
-    """Each prompt has its own seed: the same prompt twice in one batch is sampled independently."""
-    from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
-    from megatron_a3po.spawn import run_in_ranks
-
-    hf_dir = str(write_tiny_hf_checkpoint(tmp_path / "m", "qwen2", seed=3, init_std=0.2))
-    (responses,) = run_in_ranks(_duplicate_prompts_body, 1, (hf_dir,), timeout=600,
-                                env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert len(responses) == 4
-    assert responses[0] != responses[2] or responses[1] != responses[3]
-    assert len({tuple(r) for r in responses}) >= 3
+def test_duplicate_prompts_get_independent_samples(groups_run):
+    """Each prompt has its own seed: the same prompt several times in one batch (two copies in each group's one
+    vLLM call) is sampled independently."""
+    _, results = groups_run
+    responses = results[0]["duplicates"]
+    assert responses == results[1]["duplicates"] and len(responses) == 8  # gathered: the whole batch everywhere
+    per_prompt = [responses[2 * p: 2 * p + 2] for p in range(4)]
+    assert per_prompt[0] != per_prompt[1] and per_prompt[2] != per_prompt[3]  # within one call
+    assert per_prompt[0] != per_prompt[2]  # across the groups
+    assert len({tuple(r) for r in responses}) >= 4
