@@ -7,7 +7,7 @@ first, so the two workers finish at about the same time; the many second-long un
 
 from __future__ import annotations
 
-# Measured wall time on 2 CPU cores, longest first (see README "Tests").
+# Measured wall time on 2 CPU cores, longest first.
 MULTI_PROCESS_MODULES = [
     "test_guards.py", "test_checkpoint_resume.py", "test_train_layouts.py", "test_paper_configs.py",
     "test_eval_cli.py", "test_parallel_parity.py", "test_launch_multinode.py", "test_convert.py",

@@ -96,7 +96,7 @@ def test_bad_config_exits_nonzero_before_any_process_group():
     start = time.monotonic()
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", "2",
-         "-m", "megatron_a3po.smoke", "--tensor-model-parallel-size", "3"],
+         "-m", "megatron_a3po.train", "--tiny-model", "qwen2", "--tensor-model-parallel-size", "3"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0

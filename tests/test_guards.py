@@ -1,7 +1,8 @@
-"""Run guards of the real job (torchrun, 2 ranks) with the Qwen2.5-32B paper config shrunk by
-configs/tests/tiny_paper.yaml (bf16 + distributed optimizer + sequence parallel, TP=2) under CUDA emulation:
-NaN/Inf updates are skipped (weights and Adam state bitwise unchanged) and stop the run after
---max-consecutive-nan-steps; SIGTERM (preemption) finishes the step, checkpoints and exits 0, and the run resumes."""
+"""Run guards of the real job (torchrun, 2 ranks) with paper configs shrunk by configs/tests/tiny_paper.yaml
+(bf16 + distributed optimizer + sequence parallel, TP=2, packed micro-batches) under CUDA emulation: NaN/Inf
+updates are skipped (weights and Adam state bitwise unchanged) and stop the run after --max-consecutive-nan-steps
+(R1-Distill-Qwen-7B's config; its first RL step is checked here too); SIGTERM (preemption) finishes the step,
+checkpoints and exits 0, and the run resumes (Qwen2.5-32B's config)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from megatron_a3po import checkpointing
 from test_checkpoint_resume import EMULATED, paper_run, rows, signal_job, start_job, stored_tensors, wait
+from test_paper_configs import assert_first_rl_step
 
 PAPER = paper_run("qwen2.5-32b_a3po.yaml")
 
@@ -22,7 +24,8 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
     out, save, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "nan.log"
     proc = start_job(["--tiny-model", "qwen2", "--train-steps", "6", "--output-dir", str(out), "--save", str(save),
                       "--save-interval", "1", "--max-consecutive-nan-steps", "2"], log,
-                     env={**EMULATED, "A3PO_TEST_INJECT_NAN_STEP": "2,4,5"}, base=PAPER)
+                     env={**EMULATED, "A3PO_TEST_INJECT_NAN_STEP": "2,4,5"},
+                     base=paper_run("r1-distill-qwen-7b_a3po.yaml"))
     code = wait(proc, log)
     text = log.read_text()
     assert code != 0 and "2 RL steps in a row had non-finite (NaN/Inf) loss or gradients" in text, text[-4000:]
@@ -35,6 +38,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path):
         assert math.isnan(by_step[step]["train/grad_norm"])
     for step in (1, 3):
         assert by_step[step]["train/skipped_updates"] == 0 and math.isfinite(by_step[step]["train/grad_norm"])
+    assert_first_rl_step(by_step[1])
     # Step 5 (the stopping step) wrote no checkpoint; the skipped step 4 left weights and Adam state untouched.
     assert (save / "latest").read_text().strip() == "step_000004"
     assert not (save / "step_000005").exists()

@@ -43,14 +43,25 @@ def _megatron_step(hf_dir, distributed_optimizer):
     return stats, {name: t.clone() for name, t in model.hf_state()}
 
 
-@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["adam", "distributed-adam"])
-def test_dp2_adam_with_clipping_matches_plain_torch(tmp_path, distributed_optimizer):
-    import transformers
+def _both_optimizers(hf_dir):
+    """Both variants in one process group (spawning ranks costs more than the steps)."""
+    return {variant: _megatron_step(hf_dir, variant) for variant in (False, True)}
 
+
+@pytest.fixture(scope="module")
+def megatron_steps(tmp_path_factory):
     from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
 
-    hf_dir = str(write_tiny_hf_checkpoint(tmp_path / "m", "qwen2", seed=2))
-    results = run_in_ranks(_megatron_step, 2, (hf_dir, distributed_optimizer))
+    hf_dir = str(write_tiny_hf_checkpoint(tmp_path_factory.mktemp("dp") / "m", "qwen2", seed=2))
+    return hf_dir, run_in_ranks(_both_optimizers, 2, (hf_dir,))
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["adam", "distributed-adam"])
+def test_dp2_adam_with_clipping_matches_plain_torch(megatron_steps, distributed_optimizer):
+    import transformers
+
+    hf_dir, per_rank = megatron_steps
+    results = [steps[distributed_optimizer] for steps in per_rank]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokens = _tokens(model.config.vocab_size)

@@ -2,8 +2,9 @@
 under CUDA emulation (the GPU's device and NCCL rules enforced on CPU).
 
 - Every config keeps its flags through the overlay (checked on the resolved config, no process group).
-- The two 7B configs run their first RL step here (2 ranks); Qwen3-8B runs 2 steps + SIGKILL + resume in
-  test_checkpoint_resume.py, Qwen2.5-32B the NaN guard and SIGTERM + resume in test_guards.py.
+- Qwen2.5-Math-7B runs its first RL step here (2 ranks); R1-Distill-Qwen-7B its first steps in the NaN-guard
+  run and Qwen2.5-32B SIGTERM + resume (test_guards.py); Qwen3-8B 2 steps + SIGKILL + resume
+  (test_checkpoint_resume.py).
 - SFT (the warm start) with the paper's flags: bf16, distributed optimizer, sequence parallel, full recompute,
   TP=2, then the streaming HF export it ends with.
 """
@@ -54,14 +55,8 @@ def test_overlay_shrinks_sizes_and_keeps_the_flags(config):
     assert cfg.model.hf_path is None and cfg.rl.max_response_length <= 8  # only sizes and data changed
 
 
-@pytest.mark.parametrize("config", ["qwen2.5-math-7b_a3po.yaml", "r1-distill-qwen-7b_a3po.yaml"])
-def test_first_rl_step_under_emulation(config, tmp_path):
-    out = tmp_path / "out"
-    rc = _torchrun("megatron_a3po.train", [*paper_run(config), "--tiny-model", PAPER_FAMILIES[config],
-                                           "--output-dir", str(out), "--save", str(tmp_path / "ckpt")],
-                   tmp_path / "job.log")
-    assert rc == 0, (tmp_path / "job.log").read_text()[-5000:]
-    (step,) = [r for r in rows(out) if "train/lr" in r]
+def assert_first_rl_step(step: dict) -> None:
+    """A paper config's first RL step (tiny, emulated, packed) trained on a real policy gradient."""
     assert step["step"] == 1 and step["train/skipped_updates"] == 0
     assert math.isfinite(step["train/grad_norm"]) and step["train/grad_norm"] > 0
     assert step["pos/count"] > 0 and step["neg/count"] > 0  # mixed rewards: a real policy gradient
@@ -69,6 +64,19 @@ def test_first_rl_step_under_emulation(config, tmp_path):
     assert step["sync/host_syncs"] > 0  # counted under emulation (each one stalls a GPU stream)
     assert step["train/computed_tokens"] <= 1.1 * step["train/real_tokens"]  # packed (THD), SP-padded packs
     assert step["train/dp_imbalance"] == 1.0  # TP=2 on 2 ranks: DP=1
+
+
+def test_first_rl_step_under_emulation(tmp_path):
+    """Qwen2.5-Math-7B's config; the other three configs' first steps run in the jobs of test_guards.py (NaN
+    guard: R1-Distill-Qwen-7B; SIGTERM: Qwen2.5-32B) and test_checkpoint_resume.py (Qwen3-8B): one job each."""
+    config = "qwen2.5-math-7b_a3po.yaml"
+    out = tmp_path / "out"
+    rc = _torchrun("megatron_a3po.train", [*paper_run(config), "--tiny-model", PAPER_FAMILIES[config],
+                                           "--output-dir", str(out), "--save", str(tmp_path / "ckpt")],
+                   tmp_path / "job.log")
+    assert rc == 0, (tmp_path / "job.log").read_text()[-5000:]
+    (step,) = [r for r in rows(out) if "train/lr" in r]
+    assert_first_rl_step(step)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_000001"
 
 
