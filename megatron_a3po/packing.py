@@ -114,24 +114,25 @@ class Batching:
 
     def plan(self, lengths: list[int], mini_batch_rows: int, dp_size: int) -> list[RankPlan]:
         """Every DP rank's plan for one step (identical on every rank: computed from the same lengths)."""
-        plans = []
-        for rank in range(dp_size):
-            rows, minis = [], []
-            for start in range(0, len(lengths), mini_batch_rows):
-                mine = self._rank_rows(lengths[start:start + mini_batch_rows], dp_size, rank)
-                positions = list(range(len(rows), len(rows) + len(mine)))
-                rows += [start + i for i in mine]
-                minis.append(self._micro_batches([lengths[start + i] for i in mine], positions, self.max_tokens))
-            logprob = self._micro_batches([lengths[i] for i in rows], list(range(len(rows))),
-                                          self.logprob_max_tokens or self.max_tokens)
-            plans.append(RankPlan(rows=rows, logprob_pass=logprob, mini_batches=minis))
-        return plans
+        rows: list[list[int]] = [[] for _ in range(dp_size)]
+        minis: list[list[MicroBatches]] = [[] for _ in range(dp_size)]
+        for start in range(0, len(lengths), mini_batch_rows):
+            # one split of this mini-batch's rows over the DP ranks, then each rank's micro-batches
+            for rank, mine in enumerate(self._shares(lengths[start:start + mini_batch_rows], dp_size)):
+                positions = list(range(len(rows[rank]), len(rows[rank]) + len(mine)))
+                rows[rank] += [start + i for i in mine]
+                minis[rank].append(self._micro_batches([lengths[start + i] for i in mine], positions,
+                                                       self.max_tokens))
+        return [RankPlan(rows=r, mini_batches=m,
+                         logprob_pass=self._micro_batches([lengths[i] for i in r], list(range(len(r))),
+                                                          self.logprob_max_tokens or self.max_tokens))
+                for r, m in zip(rows, minis)]
 
-    def _rank_rows(self, lengths: list[int], dp_size: int, rank: int) -> list[int]:
+    def _shares(self, lengths: list[int], dp_size: int) -> list[list[int]]:
         if self.max_tokens is None:  # contiguous equal shares (padded rows all cost the same)
             share = len(lengths) // dp_size
-            return list(range(rank * share, (rank + 1) * share))
-        return balanced_partition([self.cost(n) for n in lengths], dp_size)[rank]
+            return [list(range(rank * share, (rank + 1) * share)) for rank in range(dp_size)]
+        return balanced_partition([self.cost(n) for n in lengths], dp_size)
 
     def _micro_batches(self, lengths: list[int], positions: list[int], max_tokens: int | None) -> MicroBatches:
         if max_tokens is None:
