@@ -93,9 +93,10 @@ def _training_phase(hf_dir: str, packed: bool, repeats: int = 2) -> float:
     from megatron_a3po import algorithms as A
     from megatron_a3po import parallel
     from megatron_a3po.config import Config
-    from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
+    from megatron_a3po.experience import (LogprobSettings, build_experience, compute_old_logprobs,
                                           policy_gradients, sequence_lengths)
     from megatron_a3po.model_runner import PolicyModel
+    from megatron_a3po.rl_config import RLConfig, resolve_algorithm
     from megatron_a3po.models.families import load_hf_arch
     from megatron_a3po.rollout.sampling import pack_rollouts
 
@@ -118,14 +119,13 @@ def _training_phase(hf_dir: str, packed: bool, repeats: int = 2) -> float:
                                 logprob_max_tokens=4096 if packed else None)
     plan = batching.plan(lengths, len(lengths), 1)[0]
     settings = LogprobSettings(temperature=1.0, vocab_size=arch.vocab_size)
-    loss = LossSettings("ppo_clip", A.PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28), "token-mean",
-                        None, None, step=1, total_steps=10)
+    algorithm = resolve_algorithm(RLConfig(algorithm="dapo"))  # ppo_clip 0.2/0.28, token-mean
     best = float("inf")
     for attempt in range(repeats + 1):  # the first is a warm-up
         exp = build_experience(batch, rewards, adv, torch.tensor(plan.rows))
         start = time.perf_counter()
         compute_old_logprobs(policy, exp, plan.logprob_pass, settings)
-        policy_gradients(policy, exp, plan.mini_batches[0], settings, loss, max_len=512)
+        policy_gradients(policy, exp, plan.mini_batches[0], settings, algorithm, 1, 10, max_len=512)
         if attempt:
             best = min(best, time.perf_counter() - start)
     return best

@@ -64,6 +64,7 @@ class TrainingConfig:
     seed: int = 1234
     train_iters: int = 3
     load: str | None = None
+    ref_load: str | None = None  # the reference policy (--kl-coef > 0): HF dir or converted checkpoint; default: the start
     save: str | None = None
     save_interval: int = 0
 
@@ -102,6 +103,10 @@ def _coerce(value, tp, where: str):
         if type(None) in typing.get_args(tp):
             return None
         raise ConfigError(f"{where} must not be null")
+    if isinstance(value, dict):  # a component with its settings, e.g. rl.shaper: {name: a3po, ratio: 0.2}
+        if dict not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected a single {base.__name__}, got a mapping {value!r}")
+        return dict(value)
     try:
         if base is bool:
             if isinstance(value, str):
@@ -137,8 +142,9 @@ def from_dict(data: dict, source: str = "config", cfg: Config | None = None) -> 
             raise ConfigError(f"{source}: unknown section {section_name!r}; known: {', '.join(sections)}")
         section = sections[section_name]
         types = _field_types(type(section))
+        aliases = getattr(type(section), "YAML_ALIASES", {})
         for key, value in (values or {}).items():
-            key = key.replace("-", "_")
+            key = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
             if key not in types:
                 raise ConfigError(f"{source}: unknown key {section_name}.{key}; known: {', '.join(types)}")
             setattr(section, key, _coerce(value, types[key], f"{source}: {section_name}.{key} ({flag_name(key)})"))
@@ -221,6 +227,12 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
         raise ConfigError(f"--hf-path {m.hf_path}: no config.json there; point it at a Hugging Face model dir")
     if t.load is not None and not Path(t.load).exists():
         raise ConfigError(f"--load {t.load}: path does not exist; drop --load to start fresh")
+    if t.ref_load is not None:
+        if cfg.rl.kl_coef <= 0:
+            raise ConfigError("--ref-load is the reference policy of the KL penalty; it needs --kl-coef > 0")
+        if not (Path(t.ref_load, "config.json").is_file() or Path(t.ref_load, "a3po_metadata.json").is_file()):
+            raise ConfigError(f"--ref-load {t.ref_load}: neither an HF model dir (config.json) nor a converted "
+                              "Megatron checkpoint (a3po_metadata.json, from a3po-convert hf-to-megatron)")
     if t.save_interval and not t.save:
         raise ConfigError("--save-interval needs --save DIR")
     if m.recompute_granularity not in (None, "full", "selective"):

@@ -37,6 +37,7 @@ class Experience:
     old_logprobs: torch.Tensor | None = None
     old_entropy: torch.Tensor | None = None
     proxy_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
     lengths: list[int] = field(default_factory=list)  # real positions per row (prompt + response - 1), on the host
 
     def __len__(self) -> int:
@@ -115,6 +116,17 @@ def token_logprobs(logits: torch.Tensor, mb: dict, **kwargs):
     return out
 
 
+_CONTEXT_FIELDS = ("response_mask", "loss_mask", "advantages", "seq_advantages", "polarity", "rewards",
+                   "old_logprobs", "old_entropy", "proxy_logprobs", "rollout_logprobs", "ref_logprobs")
+
+
+def algo_context(fields, *, step: int, total_steps: int, **current) -> A.AlgoContext:
+    """The AlgoContext of an experience slice (`vars(exp)` or a micro-batch dict), plus `current` (the current
+    policy's logprobs / entropy inside the loss). The one place hooks' inputs are assembled."""
+    return A.AlgoContext(step=step, total_steps=total_steps, **{f: fields.get(f) for f in _CONTEXT_FIELDS},
+                         **current)
+
+
 def build_experience(rollout, rewards: torch.Tensor, adv: A.AdvantageOutput, rows: torch.Tensor) -> Experience:
     """Shift the rollout batch to next-token layout and keep this rank's rows."""
     shift = slice(1, None)
@@ -137,7 +149,7 @@ def sequence_lengths(rollout, rows: list[int] | None = None) -> list[int]:
 class LogprobSettings:
     temperature: float
     vocab_size: int  # true vocab size: Megatron's padded columns are excluded from the softmax
-    minp_kappa: float | None = None  # lp_reg's proxy, computed in the old-policy pass
+    minp_kappa: float | None = None  # a min-p proxy (lp_reg) computed in the old-policy pass
 
 
 @torch.no_grad()
@@ -159,6 +171,18 @@ def compute_old_logprobs(policy, exp: Experience, plan: MicroBatches, settings: 
     return True
 
 
+@torch.no_grad()
+def compute_ref_logprobs(reference, exp: Experience, plan: MicroBatches, settings: LogprobSettings) -> None:
+    """Forward-only pass of the frozen reference policy: exp.ref_logprobs on the last stage."""
+    def capture(logits, mb):
+        out = token_logprobs(logits, mb, temperature=settings.temperature, vocab_size=settings.vocab_size)
+        return torch.zeros((), device=logits.device), {"lp": out.logprobs}
+
+    outputs = reference.forward_backward(exp.micro_batches(plan), capture, forward_only=True)
+    if outputs:
+        exp.ref_logprobs = _rows_back(exp, plan, [o["lp"] for o in outputs])
+
+
 def _rows_back(exp: Experience, plan: MicroBatches, values: list[torch.Tensor]) -> torch.Tensor:
     """Per-micro-batch [b, L] values in the experience's [B, T] layout (micro-batches may reorder rows)."""
     if not plan.packed and [r for rows in plan.rows for r in rows] == list(range(len(exp))):
@@ -169,26 +193,15 @@ def _rows_back(exp: Experience, plan: MicroBatches, values: list[torch.Tensor]) 
     return out
 
 
-@dataclass
-class LossSettings:
-    loss: str
-    loss_config: A.PolicyLossConfig
-    agg_mode: str
-    shaper: str | None
-    shaper_config: object
-    step: int
-    total_steps: int
-
-
-def train_mini_batch(policy, exp: Experience, plan: MicroBatches, settings: LogprobSettings, loss: LossSettings,
-                     max_len: int) -> tuple[dict, list[dict]]:
+def train_mini_batch(policy, exp: Experience, plan: MicroBatches, settings: LogprobSettings, algorithm: A.Algorithm,
+                     step: int, total_steps: int, max_len: int) -> tuple[dict, list[dict]]:
     """forward/backward over the mini-batch's micro-batches with the policy-loss hook, then one optimizer step."""
-    outputs = policy_gradients(policy, exp, plan, settings, loss, max_len)
+    outputs = policy_gradients(policy, exp, plan, settings, algorithm, step, total_steps, max_len)
     return policy.optimizer_step(), outputs
 
 
-def policy_gradients(policy, exp: Experience, plan: MicroBatches, settings: LogprobSettings, loss: LossSettings,
-                     max_len: int) -> list[dict]:
+def policy_gradients(policy, exp: Experience, plan: MicroBatches, settings: LogprobSettings, algorithm: A.Algorithm,
+                     step: int, total_steps: int, max_len: int) -> list[dict]:
     """forward/backward of the policy loss over the mini-batch's micro-batches; the gradients of the whole
     mini-batch (all DP ranks) end up in the DDP grad buffers. Returns the loss metrics per micro-batch."""
     from megatron.core import parallel_state as ps
@@ -196,20 +209,14 @@ def policy_gradients(policy, exp: Experience, plan: MicroBatches, settings: Logp
     micro = exp.micro_batches(plan)
     normaliser = A.global_normaliser([mb["loss_mask"] for mb in micro], dp_group=ps.get_data_parallel_group(),
                                      max_len=max_len)
-    needs_entropy = loss.shaper == "fork_tokens" or loss.loss_config.entropy_coef > 0
+    entropy_grad = "entropy_grad" in algorithm.needs
+    entropy = entropy_grad or "entropy" in algorithm.needs
 
     def policy_loss(logits, mb):
-        cur = token_logprobs(logits, mb, temperature=settings.temperature, compute_entropy=needs_entropy,
-                             entropy_grad=loss.loss_config.entropy_coef > 0, vocab_size=settings.vocab_size)
-        ctx = A.AlgoContext(
-            response_mask=mb["response_mask"], loss_mask=mb["loss_mask"], advantages=mb["advantages"],
-            logprobs=cur.logprobs, old_logprobs=mb["old_logprobs"], entropy=cur.entropy,
-            proxy_logprobs=mb["proxy_logprobs"], polarity=mb["polarity"], seq_advantages=mb["seq_advantages"],
-            rewards=mb["rewards"], step=loss.step, total_steps=loss.total_steps,
-        )
-        share, metrics = A.compute_policy_loss(ctx, loss.loss, loss_config=loss.loss_config, agg_mode=loss.agg_mode,
-                                               normaliser=normaliser, shaper=loss.shaper,
-                                               shaper_config=loss.shaper_config)
+        cur = token_logprobs(logits, mb, temperature=settings.temperature, compute_entropy=entropy,
+                             entropy_grad=entropy_grad, vocab_size=settings.vocab_size)
+        ctx = algo_context(mb, step=step, total_steps=total_steps, logprobs=cur.logprobs, entropy=cur.entropy)
+        share, metrics = algorithm.micro_batch_loss(ctx, normaliser)
         metrics = {k: v.detach().float() for k, v in metrics.items() if isinstance(v, torch.Tensor)}
         metrics["pg_loss_share"] = share.detach()
         return share, metrics

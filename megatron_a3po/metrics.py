@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_a3po.algorithms import kl_penalty
+
 
 class PhaseTimer:
     """Seconds per phase of a step. A phase timed inside another counts for itself only (exclusive times: the
@@ -36,6 +38,10 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
             if self._inner:
                 self._inner[-1] += elapsed
+
+    def skipped(self, name: str) -> None:
+        """A phase this step did not run: logged as 0 s."""
+        self.seconds.setdefault(name, 0.0)
 
     def as_metrics(self) -> dict:
         return {f"time/{k}": v for k, v in self.seconds.items()}
@@ -68,29 +74,48 @@ def _add(stats: dict, name: str, values: torch.Tensor, mask: torch.Tensor | None
     stats[name] = (total + values.sum().item(), count + values.numel())
 
 
-def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int) -> dict:
+def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int, *, shaper: str = "shaper",
+                    correction=None, mismatch: bool = True) -> dict:
     """(sum, count) statistics of this rank's rows, split by polarity (A > 0 positive, A < 0 negative).
     loss/pg_loss: the policy loss of a mini-batch (its micro-batch shares summed over micro-batches and DP
-    ranks), averaged over the step's `num_updates` optimizer steps: independent of how batches are split."""
+    ranks), averaged over the step's `num_updates` optimizer steps: independent of how batches are split.
+    `weights`: the step shaper's token weights (None: no step shaper), `shaper` its name for the metric;
+    `correction`: the rollout correction's output (None: off);
+    `mismatch`: whether old_logprobs came from Megatron (False: they are vLLM's own, nothing to compare)."""
     stats: dict = {}
     mask = exp.response_mask
     lengths = mask.sum(1).float()
-    _add(stats, "entropy", exp.old_entropy, mask)
-    # Train/rollout mismatch: vLLM's vs Megatron's log-probs of the same sampled tokens (same weights).
-    gap = (exp.rollout_logprobs - exp.old_logprobs).abs()
-    _add(stats, "mismatch/logp_abs_mean", gap, mask)
-    prob_err = (exp.rollout_logprobs.exp() - exp.old_logprobs.exp()).abs()[mask]
-    stats["mismatch/prob_abs_max"] = (prob_err.max().item() if prob_err.numel() else 0.0, "max")
+    if exp.old_entropy is not None:
+        _add(stats, "entropy", exp.old_entropy, mask)
+    if mismatch:  # vLLM's vs Megatron's log-probs of the same sampled tokens (same weights)
+        log_r = (exp.old_logprobs - exp.rollout_logprobs).clamp(-20.0, 20.0)
+        k3 = kl_penalty(exp.rollout_logprobs, exp.old_logprobs, "k3")  # KL(pi_rollout || pi_old) from its samples
+        _add(stats, "mismatch/logp_abs_mean", log_r.abs(), mask)
+        _add(stats, "mismatch/kl_k3", k3, mask)
+        stats["mismatch/logp_abs_max"] = (log_r.abs()[mask].max().item() if mask.any() else 0.0, "max")
+        prob_err = (exp.rollout_logprobs.exp() - exp.old_logprobs.exp()).abs()[mask]
+        stats["mismatch/prob_abs_max"] = (prob_err.max().item() if prob_err.numel() else 0.0, "max")
+    if exp.ref_logprobs is not None:  # KL(pi_old || pi_ref) of the sampled tokens, before this step's updates
+        _add(stats, "ref/kl_k3", kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k3"), mask)
     for name, sign in (("pos", 1), ("neg", -1)):
         rows = exp.polarity == sign
         row_tokens = mask & rows[:, None]
         stats[f"{name}/count"] = (rows.sum().item(), "sum")
-        _add(stats, f"{name}/entropy", exp.old_entropy, row_tokens)
+        if exp.old_entropy is not None:
+            _add(stats, f"{name}/entropy", exp.old_entropy, row_tokens)
         _add(stats, f"{name}/length", lengths, rows)
         stats[f"{name}/advantage_mass"] = ((exp.advantages * row_tokens).sum().item(), "sum")
+        if mismatch:
+            _add(stats, f"{name}/mismatch_kl_k3", k3, row_tokens)
+        if correction is not None:
+            _add(stats, f"{name}/correction_truncated_fraction", correction.truncated.float(), row_tokens)
+            _add(stats, f"{name}/correction_masked_fraction", correction.rejected.float(), row_tokens)
+    if correction is not None:
+        _add(stats, "correction/truncated_fraction", correction.truncated.float(), mask)
+        _add(stats, "correction/masked_fraction", correction.rejected.float(), mask)
+        _add(stats, "correction/weight_mean", correction.weights, mask & ~correction.rejected)
     if weights is not None:
-        shaped = (weights != 1.0) & mask
-        _add(stats, "a3po/shaped_token_fraction", shaped.float(), mask)
+        _add(stats, f"{shaper}/shaped_token_fraction", ((weights != 1.0) & mask).float(), mask)
     for out in loss_outputs:
         for key, value in out.items():
             if key == "pg_loss_share":
@@ -128,16 +153,20 @@ def reduce_statistics(local: dict) -> dict:
     return {k: v for k, v in out.items() if not k.startswith("n_")}
 
 
-def batch_statistics(batch, rewards: torch.Tensor, n: int) -> dict:
-    """From the whole rollout batch (identical on every rank)."""
+def batch_statistics(batch, rewards: torch.Tensor, n: int, overlong_penalty: torch.Tensor | None = None) -> dict:
+    """From the whole rollout batch (identical on every rank). `rewards` include the overlong penalty, if any;
+    correctness is the verifier's (reward before the penalty > 0)."""
     lengths = batch.response_lengths.float()
-    correct = (rewards > 0).float()
+    penalty = overlong_penalty if overlong_penalty is not None else torch.zeros_like(rewards)
+    correct = ((rewards - penalty) > 0).float()
     per_prompt = correct.view(-1, n).sum(1)
     out = {
         "reward/mean": rewards.mean().item(), "reward/accuracy": correct.mean().item(),
         "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
         "response/truncated_fraction": batch.truncated.float().mean().item(),
     }
+    if overlong_penalty is not None:
+        out["reward/overlong_penalty"] = overlong_penalty.mean().item()
     for i in range(n + 1):  # how many prompts had i of n responses correct
         out[f"buckets/{i}_of_{n}"] = (per_prompt == i).float().mean().item()
     return out

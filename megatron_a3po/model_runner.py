@@ -25,7 +25,9 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 
 class PolicyModel:
-    def __init__(self, cfg: Config, arch: ModelArch, *, with_optimizer: bool = True):
+    def __init__(self, cfg: Config, arch: ModelArch, *, with_optimizer: bool = True, frozen: bool = False):
+        """`frozen`: a reference policy for the KL penalty: forward only, no DDP wrapper (no gradient buffers), no
+        optimizer, no random initialisation (its weights are loaded or copied right after)."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -41,7 +43,17 @@ class PolicyModel:
         )
         self.padded_vocab = builder.padded_vocab_size(arch.vocab_size, m.make_vocab_size_divisible_by,
                                                       p.tensor_model_parallel_size)
+        if frozen:
+            self.tconfig.perform_initialization = False
         chunks = builder.build_model_chunks(arch, self.tconfig, padded_vocab=self.padded_vocab, use_te=self.use_te)
+        self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.optimizer = self.scheduler = None
+        if frozen:
+            for chunk in chunks:
+                chunk.requires_grad_(False)
+            self.chunks = chunks
+            return
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.training.use_distributed_optimizer,
@@ -59,9 +71,6 @@ class PolicyModel:
         self.tconfig.no_sync_func = (
             [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
         )
-        self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-        self.dp_size = ps.get_data_parallel_world_size()
-        self.optimizer = self.scheduler = None
         if with_optimizer:
             self._build_optimizer()
 
@@ -94,6 +103,13 @@ class PolicyModel:
         weights = HFWeights(hf_path)
         return hf_mapping.load_into_model(self.chunks, self.arch, weights.get, self.padded_vocab,
                                           self.tp_rank, self.tp_size, read_hf_into=weights.read_into)
+
+    def copy_weights_from(self, other: "PolicyModel") -> None:
+        """This model's weights := `other`'s (same config and layout: the reference starts as the policy does)."""
+        with torch.no_grad():
+            for mine, theirs in zip(self.chunks, other.chunks):
+                for p, q in zip(hf_mapping.unwrap(mine).parameters(), hf_mapping.unwrap(theirs).parameters()):
+                    p.copy_(q)
 
     def hf_state(self, getter=lambda p: p.detach(), dtype: torch.dtype | None = None):
         """Collective generator of (hf_name, full tensor): weights by default, e.g. main_grad with a getter."""

@@ -57,6 +57,7 @@ def report(name: str, cfg, arch, source: str, layout: P.Layout, plan: P.Plan) ->
         (f"weights ({precision}, {n['params_per_gpu']} of {n['params']} params)", L["weights"]),
         ("gradients (fp32 main grads)", L["gradients"]),
         (f"optimizer ({opt})", L["optimizer"]),
+        *([(f"reference policy (--kl-coef; {precision} weights)", L["reference"])] if "reference" in L else []),
         (f"activations (recompute {m.recompute_granularity or 'none'}, micro-batch {t.micro_batch_size}, "
          f"seq {n['seq']}{', flash attn' if m.transformer_impl != 'local' else ''})", L["activations"]),
         ("logits fp32 + log-prob/entropy chunks", L["logits"]),
@@ -76,7 +77,7 @@ def report(name: str, cfg, arch, source: str, layout: P.Layout, plan: P.Plan) ->
            f"{'on' if t.use_distributed_optimizer else 'off'}",
            f"{'per GPU':<{width}}    GiB"]
     out += [f"{label:<{width}}{_gib(value)}" for label, value in rows]
-    state = L["weights"] + L["gradients"] + L["optimizer"]
+    state = plan.model_state
     out += [f"{'peak, training (model state + activations + logits + reserve)':<{width}}{_gib(plan.train_peak)}",
             f"{'peak, rollout (model state + vLLM + refit + reserve)':<{width}}{_gib(plan.rollout_peak)}",
             f"model state {state / GiB:.1f} GiB; largest gpu_memory_utilization that fits: {plan.max_utilization:.2f}"]
@@ -101,7 +102,7 @@ def advice(cfg, arch, layout: P.Layout) -> list[str]:
 
 def markdown_row(name: str, cfg, layout: P.Layout, plan: P.Plan) -> str:
     p, L = cfg.parallel, plan.lines
-    state = L["weights"] + L["gradients"] + L["optimizer"]
+    state = plan.model_state
     layout_text = (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} DP{plan.notes['dp']}, "
                    f"rollout TP{cfg.rl.rollout_tensor_parallel_size}")
     cells = [name, plan.notes["params"], layout_text, f"{state / GiB:.1f}",

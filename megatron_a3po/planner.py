@@ -7,7 +7,8 @@ t = TP, p = PP, d = data-parallel size x CP):
   stage (embedding or output layer) is counted.
 - Model state, Megatron-LM docs "Distributed Optimizer": bf16 params + fp32 main grads (model_runner sets
   grad_reduce_in_fp32) + fp32 master params + Adam m, v = 18 bytes/param; the distributed optimizer shards the
-  last 12 over d: 6 + 12/d. fp32 training: 16, or 8 + 8/d.
+  last 12 over d: 6 + 12/d. fp32 training: 16, or 8 + 8/d. A reference policy (--kl-coef > 0) adds its weights
+  (2 bytes/param in bf16, 4 in fp32), resident through both phases.
 - Activations, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
   16-bit activations per layer and micro-batch: sbh(34 + 5as/h)/t with sequence parallelism,
   sbh(10 + 24/t + 5as/(ht)) without; selective recompute drops the 5as/h attention-score term; full recompute
@@ -121,6 +122,11 @@ class Plan:
     def fits(self) -> bool:
         return not self.problems
 
+    @property
+    def model_state(self) -> float:
+        """Resident through both phases: weights, gradients, optimizer, and the reference policy if any."""
+        return sum(self.lines.get(k, 0.0) for k in ("weights", "gradients", "optimizer", "reference"))
+
 
 def plan(cfg, arch, layout: Layout) -> Plan:
     """Per-GPU memory of `cfg` (a config.Config) for `arch` (models.ModelArch) on `layout`."""
@@ -135,6 +141,8 @@ def plan(cfg, arch, layout: Layout) -> Plan:
     total, per_gpu, largest = param_counts(arch, tp, pp, vocab)
     w, g, o = model_state_bytes_per_param(half, t.use_distributed_optimizer, dp * cp)
     lines = {"weights": per_gpu * w, "gradients": per_gpu * g, "optimizer": per_gpu * o}
+    if rl.kl_coef > 0:  # the frozen reference policy (KL penalty): same layout, weights only, resident throughout
+        lines["reference"] = per_gpu * (2.0 if half else 4.0)
 
     seq = rl.max_prompt_length + rl.max_response_length
     flash = m.transformer_impl != "local"  # GPUs: Transformer Engine's fused attention
@@ -174,8 +182,8 @@ def plan(cfg, arch, layout: Layout) -> Plan:
     lines["refit"] = 2 * largest * dtype_bytes
     lines["reserve"] = layout.reserve
 
-    state = lines["weights"] + lines["gradients"] + lines["optimizer"]
     result = Plan(lines=lines, limit=layout.gpu_memory, max_model_len=seq + 8)  # train.py's max_model_len
+    state = result.model_state
     result.notes = {"params": f"{total / 1e9:.2f}B", "params_per_gpu": f"{per_gpu / 1e9:.2f}B", "dp": str(dp),
                     "seq": str(seq), "kv_per_token": str(kv_per_token)}
     result.train_peak = state + acts + lines["logits"] + layout.reserve

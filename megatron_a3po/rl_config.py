@@ -1,14 +1,22 @@
-"""RL settings (the `rl:` YAML section / RL flags) and the algorithm presets.
+"""RL settings (the `rl:` YAML section / RL flags), the algorithm presets, and their resolution into one
+`algorithms.Algorithm`.
 
 `--algorithm` picks a preset of (advantage estimator, token shaper, policy loss, clip ratios, aggregation);
 `--advantage-estimator`, `--token-shaper` and `--policy-loss` override single parts (registry names or
-`module:function`). Batch sizes count prompts: one RL step generates `rollout_batch_size x rollout_n`
-responses and makes `rollout_batch_size / ppo_mini_batch_size` optimizer steps per PPO epoch.
+`module:function`). In YAML a part may carry its settings: `shaper: {name: a3po, ratio: 0.2, rho_pos: 2.0}`
+(`advantage:`, `shaper:`, `loss:` are the short keys). The older flat settings stay aliases: `--a3po-ratio` is
+the a3po shaper's `ratio` (any RL field `<component>_<setting>`), and `--clip-ratio-low/high`, `--dual-clip-c`
+feed the policy loss's fields of those names. Batch sizes count prompts: one RL step generates
+`rollout_batch_size x rollout_n` responses and makes `rollout_batch_size / ppo_mini_batch_size` optimizer steps
+per PPO epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 PRESETS = {
     # name: (advantage, shaper, loss, clip_low, clip_high, aggregation)
@@ -26,17 +34,40 @@ PRESETS = {
 }
 
 
+class AlgorithmChoice(NamedTuple):
+    """The preset after overrides; advantage / shaper / loss are a name or {name: ..., setting: value, ...}."""
+
+    advantage: str | dict
+    shaper: str | dict | None
+    loss: str | dict
+    clip_low: float
+    clip_high: float
+    aggregation: str
+
+
 @dataclass
 class RLConfig:
+    # YAML short keys of the `rl:` section
+    YAML_ALIASES: ClassVar[dict[str, str]] = {"advantage": "advantage_estimator", "shaper": "token_shaper",
+                                              "loss": "policy_loss"}
+
     algorithm: str = "a3po"
-    advantage_estimator: str | None = None  # override of the preset (name or module:function)
-    token_shaper: str | None = None  # "none" disables shaping
-    policy_loss: str | None = None
+    advantage_estimator: str | dict | None = None  # override of the preset (name, module:function, or {name: ...})
+    token_shaper: str | dict | None = None  # "none" disables shaping
+    policy_loss: str | dict | None = None
     loss_agg_mode: str | None = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
     clip_ratio_low: float | None = None
     clip_ratio_high: float | None = None
     dual_clip_c: float = 3.0
     entropy_coef: float = 0.0
+    # reference-policy KL (off unless kl_coef > 0; the reference is --ref-load, default the starting weights)
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl | abs
+    # rollout-training mismatch correction (off by default; see algorithms/correction.py)
+    rollout_correction: str = "none"  # none | tis | mis | icepop | seq-tis | seq-mis
+    rollout_correction_threshold: float = 2.0
+    rollout_correction_threshold_low: float | None = None
+    use_rollout_logprobs: bool = False  # vLLM's log-probs as pi_old: no old-log-prob forward pass
     # A3PO (paper defaults)
     a3po_ratio: float = 0.2
     a3po_rho_pos: float = 2.0
@@ -52,6 +83,7 @@ class RLConfig:
     rollout_top_p: float = 1.0
     rollout_top_k: int = -1
     rollout_tensor_parallel_size: int = 1
+    rollout_dtype: str = "auto"  # vLLM's weights and compute: auto (= the training dtype) | bfloat16 | float16 | float32
     rollout_kv_cache_gb: int = 1  # CPU only: vLLM KV cache size in whole GiB
     gpu_memory_utilization: float = 0.5  # CUDA only
     max_prompt_length: int = 64
@@ -66,6 +98,9 @@ class RLConfig:
     dataset: str = "synthetic:arithmetic:1"  # a parquet/jsonl path, or synthetic:arithmetic:LEVEL
     eval_dataset: str | None = None  # default: a held-out synthetic set of the same level
     reward: str = "arithmetic"  # arithmetic | math | math_dapo | module:function
+    # DAPO soft overlong punishment: reward += penalty in [-factor, 0] over the last buffer_len tokens; 0: off
+    overlong_buffer_len: int = 0
+    overlong_penalty_factor: float = 1.0
     raw_prompt: bool = True  # encode prompts as text (no chat template)
     # evaluation and logging
     eval_interval: int = 0  # 0: only before and after training
@@ -80,13 +115,84 @@ class RLConfig:
     # run guards
     max_consecutive_nan_steps: int = 3  # stop after this many steps in a row with skipped NaN/Inf updates; 0: never
 
-    def resolved(self) -> tuple[str, str | None, str, float, float, str]:
-        """(advantage, shaper or None, loss, clip_low, clip_high, aggregation) after applying overrides."""
+    def resolved(self) -> AlgorithmChoice:
+        """The preset with the overrides applied (names; settings are resolved by `resolve_algorithm`)."""
         adv, shaper, loss, low, high, agg = PRESETS[self.algorithm]
         shaper = self.token_shaper if self.token_shaper is not None else shaper
-        return (self.advantage_estimator or adv, None if shaper in (None, "none") else shaper,
-                self.policy_loss or loss, self.clip_ratio_low if self.clip_ratio_low is not None else low,
-                self.clip_ratio_high if self.clip_ratio_high is not None else high, self.loss_agg_mode or agg)
+        return AlgorithmChoice(self.advantage_estimator or adv, None if shaper in (None, "none") else shaper,
+                               self.policy_loss or loss, self.clip_ratio_low if self.clip_ratio_low is not None else low,
+                               self.clip_ratio_high if self.clip_ratio_high is not None else high,
+                               self.loss_agg_mode or agg)
+
+
+_DEFAULTS = RLConfig()
+# RL fields that feed a component setting of the same name (whichever component declares it)
+_FIELDS = {"advantage": "advantage_estimator", "shaper": "token_shaper", "policy_loss": "policy_loss"}
+_SHARED_SETTINGS = ("clip_ratio_low", "clip_ratio_high", "dual_clip_c", "entropy_coef", "kl_coef", "kl_type")
+
+
+def resolve_algorithm(rl: RLConfig):
+    """The run's `algorithms.Algorithm`, resolved once. Raises ConfigError naming the setting and the fix."""
+    from megatron_a3po import algorithms as A
+    from megatron_a3po.config import ConfigError
+
+    choice = rl.resolved()
+    preset = {"clip_ratio_low": choice.clip_low, "clip_ratio_high": choice.clip_high}
+    try:
+        parts = {kind: _bind(kind, spec, rl, preset) if spec is not None else None
+                 for kind, spec in (("advantage", choice.advantage), ("shaper", choice.shaper),
+                                    ("policy_loss", choice.loss))}
+        regularisers = A.RegulariserConfig(entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef, kl_type=rl.kl_type)
+        correction = A.RolloutCorrectionConfig(rl.rollout_correction, rl.rollout_correction_threshold,
+                                               rl.rollout_correction_threshold_low)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+    return A.Algorithm(parts["advantage"], parts["shaper"], parts["policy_loss"], choice.aggregation, regularisers,
+                       correction)
+
+
+def component_name(spec: str | dict) -> str:
+    if isinstance(spec, dict):
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a component given as a mapping needs a `name:` (a registered name or "
+                             f"'module:function'), got {spec!r}")
+        return name
+    return spec
+
+
+def _bind(kind: str, spec: str | dict, rl: RLConfig, preset: dict[str, Any]):
+    """Settings precedence: the component's defaults < preset values < flat RL fields (aliases) < nested YAML;
+    a flat field the user changed that disagrees with the nested value is an error (set it in one place)."""
+    from megatron_a3po import algorithms as A
+    from megatron_a3po.config import ConfigError, flag_name
+
+    name = component_name(spec)
+    nested = {k.replace("-", "_"): v for k, v in spec.items() if k != "name"} if isinstance(spec, dict) else {}
+    fn = A.get_component(kind, name)
+    settings: dict[str, Any] = {}
+    for key in A.settings_fields(fn):
+        alias = f"{name}_{key}" if hasattr(_DEFAULTS, f"{name}_{key}") else key if key in _SHARED_SETTINGS else None
+        if alias is None:
+            continue
+        value, changed = getattr(rl, alias), getattr(rl, alias) != getattr(_DEFAULTS, alias)
+        if value is None:
+            if key not in preset:
+                continue
+            value, changed = preset[key], False
+        if key in nested and changed and nested[key] != value:
+            short = {v: k for k, v in RLConfig.YAML_ALIASES.items()}[_FIELDS[kind]]
+            raise ConfigError(f"{flag_name(alias)} {value} and rl.{short}.{key}: {nested[key]} disagree; "
+                              "set it in one place")
+        settings[key] = value
+    settings.update(nested)
+    try:
+        return A.bind(kind, name, fn, settings)
+    except (ValueError, TypeError) as err:
+        short = {v: k for k, v in RLConfig.YAML_ALIASES.items()}[_FIELDS[kind]]
+        raise ConfigError(f"{kind} {name!r} (rl.{short} / {flag_name(_FIELDS[kind])}): {err}") from None
 
 
 def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int) -> None:
@@ -94,7 +200,7 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
 
     if rl.algorithm not in PRESETS:
         raise ConfigError(f"--algorithm {rl.algorithm!r} is unknown; choose one of {', '.join(PRESETS)}")
-    aggregation = rl.resolved()[5]
+    aggregation = rl.resolved().aggregation
     if aggregation not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         raise ConfigError(f"--loss-agg-mode {aggregation!r} is unknown; choose token-mean, seq-mean-token-mean, "
                           "seq-mean-token-sum or seq-mean-token-sum-norm")
@@ -139,3 +245,30 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
     if rl.max_num_gen_batches < 0:
         raise ConfigError(f"--max-num-gen-batches must be >= 0 (rounds of generation per step with "
                           f"--dynamic-sampling; 0: no cap), got {rl.max_num_gen_batches}")
+    _validate_algorithm(rl)
+
+
+def _validate_algorithm(rl: RLConfig) -> None:
+    """The algorithm resolves (hooks import, settings are valid), and what it needs can be computed."""
+    from megatron_a3po.algorithms import INPUTS
+    from megatron_a3po.config import ConfigError
+
+    for flag, value in (("--kl-coef", rl.kl_coef), ("--entropy-coef", rl.entropy_coef),
+                        ("--overlong-penalty-factor", rl.overlong_penalty_factor)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    algorithm = resolve_algorithm(rl)
+    if rl.rollout_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ConfigError(f"--rollout-dtype must be auto, bfloat16, float16 or float32, got {rl.rollout_dtype!r}")
+    if not 0 <= rl.overlong_buffer_len <= rl.max_response_length:
+        raise ConfigError(f"--overlong-buffer-len must be in [0, --max-response-length {rl.max_response_length}] "
+                          f"(0: off; DAPO uses 4096 of 20480), got {rl.overlong_buffer_len}")
+    if rl.use_rollout_logprobs:
+        if algorithm.correction.enabled:
+            raise ConfigError("--rollout-correction needs Megatron's old log-probs, which --use-rollout-logprobs "
+                              "skips (the ratio would be 1); drop one of them")
+        from_old_pass = sorted(algorithm.needs & {"old_entropy", "proxy_logprobs"})
+        if from_old_pass:
+            users = [p.name for p in algorithm.components if p.needs & set(from_old_pass)]
+            raise ConfigError(f"{', '.join(users)} needs {', '.join(from_old_pass)} ({INPUTS[from_old_pass[0]]}), "
+                              "which --use-rollout-logprobs skips; drop --use-rollout-logprobs")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megatron_a3po import checkpointing
 from megatron_a3po import config as C
+from megatron_a3po.rl_config import resolve_algorithm
 
 
 def resolve_model(cfg) -> tuple[object, dict, Path | None]:
@@ -59,6 +60,9 @@ def validate_all(cfg, world_size: int) -> object:
         cfg.training.load = str(ckpt)
         resume_state = checkpointing.read_train_state(ckpt) if resuming else None
     arch, _, _ = resolve_model(cfg)
+    if resume_state is not None and cfg.rl.kl_coef > 0 and not (cfg.training.ref_load or cfg.model.hf_path):
+        raise C.ConfigError("resuming with --kl-coef > 0 needs the reference policy's weights: pass --ref-load DIR "
+                            "(the HF model or converted checkpoint the run started from) or --hf-path")
     if resume_state is not None:
         requested = None
         if cfg.model.hf_path or cfg.model.tiny_model:
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         print(f"layout: world={world_size} TP={tp} PP={pp} CP={cp} DP={world_size // (tp * pp * cp)} "
-              f"rollout TP={cfg.rl.rollout_tensor_parallel_size}; algorithm {cfg.rl.algorithm} -> {cfg.rl.resolved()}")
+              f"rollout TP={cfg.rl.rollout_tensor_parallel_size}; algorithm {cfg.rl.algorithm} -> "
+              f"{resolve_algorithm(cfg.rl).describe()}")
         return 0
     return run(cfg, arch)
 
@@ -178,12 +183,12 @@ def run(cfg, arch) -> int:
             resume_dir = None
     elif cfg.model.hf_path:
         policy.load_hf(cfg.model.hf_path)
+    reference = build_reference(cfg, arch, policy, resuming=resume_dir is not None) if cfg.rl.kl_coef > 0 else None
+    rollout_dtype = cfg.rl.rollout_dtype if cfg.rl.rollout_dtype != "auto" else str(policy.dtype).replace("torch.", "")
     engine = RolloutEngine(str(model_dir), rollout_tp=cfg.rl.rollout_tensor_parallel_size,
                            max_model_len=cfg.rl.max_prompt_length + cfg.rl.max_response_length + 8,
                            seed=cfg.training.seed, cpu_kv_cache_gb=cfg.rl.rollout_kv_cache_gb,
-                           gpu_memory_utilization=cfg.rl.gpu_memory_utilization,
-                           dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
-                               str(policy.dtype).replace("torch.", "")])
+                           gpu_memory_utilization=cfg.rl.gpu_memory_utilization, dtype=rollout_dtype)
     logger = MetricsLogger(str(out), cfg.to_dict(), cfg.rl.wandb_project, cfg.rl.wandb_run_name)
     checkpointer = checkpointing.Checkpointer(cfg, policy, sampler, hf_cfg, model_dir)
     guard = checkpointing.RunGuard(cfg.rl.max_consecutive_nan_steps)
@@ -191,7 +196,7 @@ def run(cfg, arch) -> int:
     trainer = RLTrainer(cfg, policy=policy, engine=engine, tokenizer=tokenizer, train_data=train_data,
                         eval_data=eval_data, sampler=sampler, reward_fn=get_reward_fn(cfg.rl.reward), logger=logger,
                         on_step_end=_progress if parallel.is_rank0() else None, start_step=start_step,
-                        checkpointer=checkpointer, guard=guard, val_before=val_before)
+                        checkpointer=checkpointer, guard=guard, val_before=val_before, reference=reference)
     if resume_dir is not None:
         checkpointing.restore_rng(resume_dir)  # last: vLLM's start-up draws from the torch RNG
     before, after = trainer.fit()
@@ -210,6 +215,23 @@ def run(cfg, arch) -> int:
         print(final, flush=True)
     parallel.destroy()
     return 0
+
+
+def build_reference(cfg, arch, policy, *, resuming: bool):
+    """The frozen reference policy of the KL penalty, in the policy's layout: --ref-load (HF dir or converted
+    checkpoint), else the run's starting weights (a copy of the policy as loaded; on resume, --hf-path again)."""
+    from megatron_a3po.model_runner import PolicyModel
+    from megatron_a3po.models.megatron_ckpt import METADATA_FILE, load_model
+
+    reference = PolicyModel(cfg, arch, frozen=True)
+    source = cfg.training.ref_load or (cfg.model.hf_path if resuming else None)
+    if source is None:
+        reference.copy_weights_from(policy)
+    elif Path(source, METADATA_FILE).is_file():
+        load_model(reference.chunks, source, arch)
+    else:
+        reference.load_hf(source)
+    return reference
 
 
 def _stopped(cfg, trainer, checkpointer) -> int:

@@ -1,9 +1,11 @@
 """The RL step, top to bottom:
 
-rollout (vLLM) -> reward -> outcome advantages -> old log-probs + entropy (Megatron) -> token shaping (A3PO ...)
--> mini-batch PPO updates through Megatron's pipeline schedule with the policy-loss hook -> refit -> metrics.
+rollout (vLLM) -> reward -> outcome advantages -> old log-probs + entropy (Megatron) [+ reference log-probs]
+-> token shaping (A3PO ...) and rollout-mismatch correction -> mini-batch PPO updates through Megatron's
+pipeline schedule with the policy-loss hook -> refit -> metrics.
 
-Everything else (parallel state, the model, vLLM, algorithms, data, metrics) lives in its own module.
+The algorithm is resolved once (`rl_config.resolve_algorithm`) into one object that says what to compute;
+everything else (parallel state, the model, vLLM, algorithms, data, metrics) lives in its own module.
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ import itertools
 
 import torch
 
-from megatron_a3po import algorithms as A
 from megatron_a3po import metrics as M
 from megatron_a3po import packing, parallel, platform
 from megatron_a3po.checkpointing import injected_nan_step
 from megatron_a3po.data import DynamicSampler
 from megatron_a3po.evaluation.runner import evaluate_items
-from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
-                                      sequence_lengths, train_mini_batch)
+from megatron_a3po.experience import (LogprobSettings, algo_context, build_experience, compute_old_logprobs,
+                                      compute_ref_logprobs, sequence_lengths, train_mini_batch)
+from megatron_a3po.rewards.math_reward import overlong_penalty
+from megatron_a3po.rl_config import resolve_algorithm
 from megatron_a3po.rollout.sampling import SamplingConfig, select_groups
 
 
 class RLTrainer:
     def __init__(self, cfg, *, policy, engine, tokenizer, train_data, eval_data, sampler, reward_fn, logger,
                  start_step: int = 1, on_step_end=None, checkpointer=None, guard=None,
-                 val_before: float | None = None):
+                 val_before: float | None = None, reference=None):
         self.cfg, self.rl = cfg, cfg.rl
         self.policy, self.engine, self.tokenizer = policy, engine, tokenizer
         self.train_data, self.eval_data, self.sampler, self.reward_fn = train_data, eval_data, sampler, reward_fn
@@ -35,16 +38,13 @@ class RLTrainer:
         self.checkpointer, self.guard, self.val_before = checkpointer, guard, val_before
         self.stop_reason: str | None = None  # set when fit() stops early: "preempted" | "nonfinite"
         self.nan_steps = injected_nan_step() or set()  # test hook
-        adv, shaper, loss, low, high, agg = self.rl.resolved()
-        self.advantage_fn = A.get_advantage_fn(adv)
-        self.shaper_name, self.shaper = shaper, (A.get_shaper(shaper) if shaper else None)
-        self.shaper_config = _a3po_config(self.rl) if shaper == "a3po" else None
-        self.loss_config = A.PolicyLossConfig(clip_ratio_low=low, clip_ratio_high=high, dual_clip_c=self.rl.dual_clip_c,
-                                              entropy_coef=self.rl.entropy_coef)
-        self.loss_name, self.agg_mode = loss, agg
-        self.logprob_settings = LogprobSettings(
-            temperature=self.rl.rollout_temperature, vocab_size=policy.arch.vocab_size,
-            minp_kappa=self.loss_config.lp_reg_kappa if loss == "lp_reg" else None)
+        self.algorithm = resolve_algorithm(self.rl)
+        self.reference = reference  # frozen PolicyModel for the KL penalty (None unless --kl-coef > 0)
+        if ("ref_logprobs" in self.algorithm.needs) != (reference is not None):
+            raise ValueError("RLTrainer needs a reference model exactly when the algorithm needs ref_logprobs "
+                             f"(--kl-coef > 0); algorithm: {self.algorithm.describe()}")
+        self.logprob_settings = LogprobSettings(temperature=self.rl.rollout_temperature,
+                                                vocab_size=policy.arch.vocab_size, minp_kappa=self.algorithm.minp_kappa)
         t, p = cfg.training, cfg.parallel
         self.batching = packing.Batching(
             micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_gpu or None,
@@ -94,54 +94,64 @@ class RLTrainer:
         if batch is None:  # dynamic sampling found no full mini-batch of informative groups: nothing to train on
             return {**sampling_metrics, **timer.as_metrics(), "train/skipped_updates": 0.0}
         # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A).
-        adv = self.advantage_fn(rewards, batch.response_mask.bool(), self.rl.rollout_n)
+        adv = self.algorithm.advantages(rewards, batch.response_mask.bool(), self.rl.rollout_n)
         # This DP rank's rows and micro-batches: fixed-size padded ones, or token-budget packs with the rows of
         # each mini-batch balanced over DP ranks (every rank computes the same plans from the same batch).
         lengths = sequence_lengths(batch)
         plans = self.batching.plan(lengths, self.rl.ppo_mini_batch_size * self.rl.rollout_n, parallel.dp_size())
         mine = plans[parallel.dp_rank()]
         exp = build_experience(batch, rewards, adv, torch.tensor(mine.rows)).to(platform.device())
-        # 4. Old-policy log-probs and entropy (Megatron forward, TP-aware), on the last pipeline stage.
-        with timer("old_logprobs"):
-            on_last_stage = compute_old_logprobs(self.policy, exp, mine.logprob_pass, self.logprob_settings)
-        # 5. Token shaping once per step, before the mini-batch split (A3PO: Â = A * w).
-        weights = None
-        if on_last_stage and self.shaper is not None and A.shaper_phase(self.shaper) == "step":
-            weights = self.shaper(A.AlgoContext(
-                response_mask=exp.response_mask, seq_advantages=exp.seq_advantages, polarity=exp.polarity,
-                old_logprobs=exp.old_logprobs, old_entropy=exp.old_entropy, step=step,
-                total_steps=self.rl.train_steps, config=self.shaper_config))
-            exp.advantages = exp.advantages * weights
+        # 4. Old-policy log-probs and entropy (Megatron forward, TP-aware) on the last pipeline stage, or vLLM's
+        # log-probs as pi_old (--use-rollout-logprobs: one forward fewer, no old entropy, no mismatch measured);
+        # the frozen reference policy's log-probs for the KL penalty.
+        if self.rl.use_rollout_logprobs:
+            exp.old_logprobs, on_last_stage = exp.rollout_logprobs.float(), parallel.is_last_stage()
+            timer.skipped("old_logprobs")
+        else:
+            with timer("old_logprobs"):
+                on_last_stage = compute_old_logprobs(self.policy, exp, mine.logprob_pass, self.logprob_settings)
+        if self.reference is not None:
+            with timer("ref_logprobs"):
+                compute_ref_logprobs(self.reference, exp, mine.logprob_pass, self.logprob_settings)
+        # 5. Once per step, before the mini-batch split: token shaping (A3PO: Â = A · w), then the rollout-mismatch
+        # correction (Â · w_IS; rejected tokens leave the loss).
+        weights = correction = None
+        if on_last_stage:
+            ctx = algo_context(vars(exp), step=step, total_steps=self.rl.train_steps)
+            weights, correction = self.algorithm.shape(ctx), self.algorithm.correct(ctx)
+            if weights is not None:
+                exp.advantages = exp.advantages * weights
+            if correction is not None:
+                exp.advantages = exp.advantages * correction.weights
+                exp.loss_mask = exp.loss_mask & ~correction.rejected
         if step in self.nan_steps:  # test hook (A3PO_TEST_INJECT_NAN_STEP): a NaN loss and NaN gradients
             exp.advantages = exp.advantages * float("nan")
         # 6. Mini-batch updates through Megatron's pipeline schedule with the policy-loss hook.
         with timer("train"):
-            loss = LossSettings(self.loss_name, self.loss_config, self.agg_mode,
-                                self.shaper_name if self.shaper is not None and A.shaper_phase(self.shaper) ==
-                                "microbatch" else None, None, step, self.rl.train_steps)
             minis = mine.mini_batches * self.rl.ppo_epochs
             updates, loss_outputs = [], []
             for mini in M.progress(minis, desc=f"step {step} updates"):
-                stats, outs = train_mini_batch(self.policy, exp, mini, self.logprob_settings, loss,
-                                               max_len=self.rl.max_response_length)
+                stats, outs = train_mini_batch(self.policy, exp, mini, self.logprob_settings, self.algorithm, step,
+                                               self.rl.train_steps, max_len=self.rl.max_response_length)
                 updates.append(stats)
                 loss_outputs += outs
         # 7. Refit: stream the updated weights into vLLM through the shared HF mapping.
         with timer("refit"):
             self.engine.refit(self.policy.hf_state())
         # 8. Metrics (polarity-split), reduced over all ranks.
-        local = M.step_statistics(exp, weights, loss_outputs, len(updates)) if on_last_stage and parallel.tp_rank() == 0 else {}
+        shaper = self.algorithm.shaper.label if self.algorithm.shaper else "shaper"
+        local = M.step_statistics(exp, weights, loss_outputs, len(updates), shaper=shaper, correction=correction,
+                                  mismatch=not self.rl.use_rollout_logprobs) \
+            if on_last_stage and parallel.tp_rank() == 0 else {}
         metrics = M.reduce_statistics(local)
-        metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n))
+        metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n, self.overlong_penalties(batch)))
         metrics.update(M.update_statistics(updates))
         metrics.update(packing.plan_metrics(plans, lengths, exp.tokens.shape[1], self.batching))
         metrics.update(sampling_metrics)
         metrics.update(timer.as_metrics())
         if syncs_before is not None:  # each device-to-host sync stalls a GPU stream
             metrics["sync/host_syncs"] = float(platform.host_syncs() - syncs_before)
-        if self.shaper_name == "a3po":
-            metrics["a3po/weight_pos"] = _a3po_weight(self.shaper_config, step, positive=True)
-            metrics["a3po/weight_neg"] = _a3po_weight(self.shaper_config, step, positive=False)
+        metrics.update(self.algorithm.metrics(step))
         return metrics
 
     def collect_rollouts(self, step: int, timer) -> tuple:
@@ -167,7 +177,8 @@ class RLTrainer:
             with timer("rollout"):
                 batch = self.engine.generate([it.prompt_ids for it in items], self.sampling, pad, step=step,
                                              round=round_, score=score)
-            rewards = batch.rewards
+            penalties = self.overlong_penalties(batch)
+            rewards = batch.rewards if penalties is None else batch.rewards + penalties
             if keeper is None:
                 return batch, rewards, {}
             generated, correct = generated + len(rewards), correct + int((rewards > 0).sum())
@@ -188,6 +199,14 @@ class RLTrainer:
         kept = kept[:usable]
         return (select_groups([(b, g) for b, g, _ in kept], pad), torch.cat([r for _, _, r in kept]), metrics)
 
+    def overlong_penalties(self, batch) -> torch.Tensor | None:
+        """DAPO's soft overlong punishment per response (added to the verifier's reward); None when off."""
+        rl = self.rl
+        if not rl.overlong_buffer_len:
+            return None
+        return torch.tensor([overlong_penalty(n, rl.max_response_length, rl.overlong_buffer_len,
+                                              rl.overlong_penalty_factor) for n in batch.response_lengths.tolist()])
+
     # ---- evaluation -------------------------------------------------------------------------------------------
 
     def evaluate(self, step: int, log: bool = True) -> dict:
@@ -206,16 +225,3 @@ class RLTrainer:
             self.logger.log(step, result)
         return result
 
-
-def _a3po_config(rl):
-    from megatron_a3po.algorithms.shaping import A3POConfig
-
-    return A3POConfig(ratio=rl.a3po_ratio, rho_pos=rl.a3po_rho_pos, alpha_pos=rl.a3po_alpha_pos,
-                      rho_neg=rl.a3po_rho_neg, alpha_neg=rl.a3po_alpha_neg, metric=rl.a3po_metric,
-                      schedule=rl.a3po_schedule)
-
-
-def _a3po_weight(config, step: int, positive: bool) -> float:
-    rho = config.rho_pos if positive else config.rho_neg
-    alpha = config.alpha_pos if positive else config.alpha_neg
-    return rho if config.schedule == "static" else max(rho - alpha * step, 1.0)

@@ -97,7 +97,9 @@ def same(a, b) -> bool:
 
 def test_exact_resume_after_sigkill(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    base = paper_run("qwen3-8b-base_a3po.yaml")
+    # Also: vLLM's log-probs as pi_old (no old-log-prob pass) and DAPO's overlong penalty on the last token.
+    base = [*paper_run("qwen3-8b-base_a3po.yaml"), "--use-rollout-logprobs", "--overlong-buffer-len", "1",
+            "--overlong-penalty-factor", "0.5"]
     log = tmp_path / "ref.log"
     proc = start_job(["--tiny-model", "qwen3", "--train-steps", "3", "--output-dir", str(ref / "out"),
                       "--save", str(ref / "ckpt"), "--save-interval", "2"], log, EMULATED, base)
@@ -132,6 +134,12 @@ def test_exact_resume_after_sigkill(tmp_path):
         assert keys == {k for k in got if not k.startswith(("time/", "sync/"))}
         diffs = {k: (want[k], got[k]) for k in keys if not same(want[k], got[k])}
         assert not diffs, f"step {want['step']}: {diffs}"
+    for r in (r for r in expected if "train/lr" in r):
+        # --use-rollout-logprobs: the old-log-prob pass is skipped (0 s); no old entropy, nothing to compare
+        assert r["time/old_logprobs"] == 0 and "entropy" not in r and "mismatch/kl_k3" not in r
+        assert r["train/grad_norm"] > 0 and r["train/skipped_updates"] == 0
+        # every response at the cap (6 tokens; all truncated ones are) loses 0.5, none other
+        assert -0.5 <= r["reward/overlong_penalty"] <= -0.5 * r["response/truncated_fraction"] < 0
 
     final_ref = stored_tensors(ref / "ckpt" / "step_000003", tmp_path)
     final_resumed = stored_tensors(killed / "ckpt" / "step_000003", tmp_path)

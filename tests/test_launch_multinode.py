@@ -6,6 +6,7 @@ pass-through of flags."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -24,6 +25,11 @@ TINY_2_STEPS = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model",
 # The two-node run also trains with DAPO dynamic sampling (DP=2 across the nodes); the reward hook scores the
 # first character's parity, so the random model's groups are a mix of informative and constant ones.
 DYNAMIC = ["--reward", "layout_reward:first_char_parity", "--dynamic-sampling", "--max-num-gen-batches", "3"]
+# ... with the user shaper of docs/algorithms.md registered from its YAML (examples/hooks), and vLLM sampling in
+# bf16 while Megatron trains in fp32, corrected by IcePop with a band tight enough to reject some tokens.
+ICEPOP_C = 1.002
+HOOK_AND_MISMATCH = ["--config", str(REPO / "examples/hooks/entropy_boost.yaml"), "--rollout-dtype", "bfloat16",
+                     "--rollout-correction", "icepop", "--rollout-correction-threshold", str(ICEPOP_C)]
 
 
 def free_port() -> int:
@@ -36,7 +42,8 @@ def node_env(rank: int, port: int, **extra: str) -> dict:
     return {**os.environ, "PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": f"loopback-{port}",
             "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **extra}
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO / "examples/hooks"),
+                                           os.environ.get("PYTHONPATH", "")]), **extra}
 
 
 def start_node(rank: int, port: int, args: list[str], log: Path) -> subprocess.Popen:
@@ -60,7 +67,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def test_two_nodes_on_loopback_train_two_rl_steps_with_dynamic_sampling(tmp_path):
     out, port = tmp_path / "out", free_port()
-    args = [*TINY_2_STEPS, *DYNAMIC, "--output-dir", str(out)]
+    args = [*TINY_2_STEPS, *DYNAMIC, *HOOK_AND_MISMATCH, "--output-dir", str(out)]
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
     nodes = [start_node(0, port, args, logs[0])]
     try:
@@ -91,6 +98,18 @@ def test_two_nodes_on_loopback_train_two_rl_steps_with_dynamic_sampling(tmp_path
         assert r["dynamic/dropped_all_correct"] + r["dynamic/dropped_all_wrong"] + r["dynamic/kept"] + \
             r["dynamic/surplus"] == 8 * r["dynamic/rounds"]
         assert r["train/grad_norm"] > 0
+        # The user hook ran as the shaper with its YAML settings and the input it declared (old_entropy: it
+        # raises without it): it boosted some tokens of positive responses (ratio 0.25 of each), logged its metric.
+        assert r["entropy_boost/boost"] == 1.5 and 0 < r["entropy_boost/shaped_token_fraction"] <= 0.25
+        assert "a3po/weight_pos" not in r
+        # bf16 sampling vs fp32 training: a measurable mismatch, and IcePop rejects the tokens outside its band
+        # [1/C, C] (some, not all) and weights the kept ones by r inside it.
+        assert 0 < r["mismatch/logp_abs_mean"] < r["mismatch/logp_abs_max"] < 0.1 and r["mismatch/kl_k3"] > 0
+        assert r["mismatch/logp_abs_max"] > math.log(ICEPOP_C)  # so some token had to be rejected
+        assert 0 < r["correction/masked_fraction"] < 1 and r["correction/truncated_fraction"] == 0
+        assert 1 / ICEPOP_C <= r["correction/weight_mean"] <= ICEPOP_C
+        for side in ("pos", "neg"):
+            assert 0 <= r[f"{side}/correction_masked_fraction"] <= 1 and r[f"{side}/mismatch_kl_k3"] > 0
 
 
 def test_launch_scripts_parse_and_pass_flags_through(tmp_path):

@@ -86,9 +86,10 @@ def _packed_vs_padded(hf_dir: str):
     from megatron_a3po import algorithms as A
     from megatron_a3po import parallel
     from megatron_a3po.config import Config
-    from megatron_a3po.experience import (LogprobSettings, LossSettings, build_experience, compute_old_logprobs,
+    from megatron_a3po.experience import (LogprobSettings, build_experience, compute_old_logprobs,
                                           policy_gradients, sequence_lengths)
     from megatron_a3po.model_runner import PolicyModel
+    from megatron_a3po.rl_config import RLConfig, resolve_algorithm
     from megatron_a3po.models.families import load_hf_arch
 
     arch, _ = load_hf_arch(hf_dir)
@@ -97,8 +98,7 @@ def _packed_vs_padded(hf_dir: str):
     adv = A.get_advantage_fn("grpo")(rewards, batch.response_mask.bool(), 4)
     lengths = sequence_lengths(batch)
     settings = LogprobSettings(temperature=1.0, vocab_size=arch.vocab_size)
-    loss = LossSettings("ppo_clip", A.PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, entropy_coef=0.01),
-                        "token-mean", None, None, step=1, total_steps=10)
+    algorithm = resolve_algorithm(RLConfig(algorithm="dapo", entropy_coef=0.01))  # ppo_clip 0.2/0.28, token-mean
     results = {}
     for label, (tp, pp, sp) in LAYOUTS.items():
         cfg = Config()
@@ -117,7 +117,7 @@ def _packed_vs_padded(hf_dir: str):
             mine = batching.plan(lengths, 16, parallel.dp_size())[parallel.dp_rank()]
             exp = build_experience(batch, rewards, adv, torch.tensor(mine.rows))
             filled = compute_old_logprobs(policy, exp, mine.logprob_pass, settings)
-            outputs = policy_gradients(policy, exp, mine.mini_batches[0], settings, loss, max_len=30)
+            outputs = policy_gradients(policy, exp, mine.mini_batches[0], settings, algorithm, 1, 10, max_len=30)
             grads = dict(policy.hf_state(getter=lambda p: p.main_grad, dtype=torch.float32))
             keep = filled and parallel.tp_rank() == 0  # one copy per DP replica
             rows = {r: (exp.old_logprobs[i, :n].clone(), exp.old_entropy[i, :n].clone())

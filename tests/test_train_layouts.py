@@ -52,11 +52,17 @@ def layout_runs(tmp_path_factory):
     return tmp_path_factory.mktemp("layout_runs")
 
 
+def with_reference(hf_model) -> list[str]:
+    """Every layout trains with a KL penalty to a reference policy loaded from the starting HF weights."""
+    return ["--kl-coef", "0.05", "--kl-type", "low_var_kl", "--ref-load", str(hf_model)]
+
+
 @pytest.fixture(scope="module")
 def first_steps(hf_model, layout_runs):
     # The TP=2 run also checkpoints every step (distributed optimizer), for the cross-layout resume below.
     save = {"tp2": ["--use-distributed-optimizer", "--save", str(layout_runs / "tp2_ckpt"), "--save-interval", "1"]}
-    return {name: run_job(nproc, ["--hf-path", str(hf_model), *flags, *save.get(name, [])], layout_runs / name)
+    return {name: run_job(nproc, ["--hf-path", str(hf_model), *with_reference(hf_model), *flags,
+                                  *save.get(name, [])], layout_runs / name)
             for name, (nproc, flags) in LAYOUTS.items()}
 
 
@@ -69,10 +75,13 @@ def test_first_step_matches_tp1(first_steps, layout):
     for key in ("reward/mean", "response/length_mean", "pos/count", "neg/count"):
         assert first[key] == first_ref[key], key
     assert first_ref["pos/count"] > 0 and first_ref["neg/count"] > 0
-    for key in ("loss/pg_loss", "entropy", "train/grad_norm", "pos/clipfrac", "neg/clipfrac"):
+    for key in ("loss/pg_loss", "entropy", "train/grad_norm", "pos/clipfrac", "neg/clipfrac", "loss/ref_kl"):
         assert math.isclose(first[key], first_ref[key], rel_tol=1e-4, abs_tol=1e-6), \
             f"{key}: {layout} {first[key]} vs tp1 {first_ref[key]}"
     assert first_ref["train/grad_norm"] > 0 and first_ref["loss/pg_loss"] != 0
+    # The reference (--ref-load: the starting weights) equals the policy before the first update, exactly; the
+    # second mini-batch's policy has moved away from it, and by step 2 the old policy has too.
+    assert first["ref/kl_k3"] == 0.0 and first["loss/ref_kl"] > 0 and got[1]["ref/kl_k3"] > 0
     if layout.endswith("packed"):  # 2 sequences of <= 21 tokens per pack of 48: little padding left
         assert first["train/computed_tokens"] <= 1.1 * first["train/real_tokens"]
 
@@ -89,12 +98,13 @@ def test_validation_metrics_come_from_the_eval_code(first_steps, layout_runs):
         assert 1 <= r["val/length_mean"] <= 6 and 0 <= r["val/truncated_fraction"] <= 1
 
 
-def test_resume_at_another_layout_restores_the_optimizer(first_steps, layout_runs, tmp_path):
+def test_resume_at_another_layout_restores_the_optimizer(first_steps, hf_model, layout_runs, tmp_path):
     """TP=2 step-1 checkpoint -> PP=2 step 2, both with the distributed optimizer. With Adam's moments re-sharded,
     step 2's update matches the uninterrupted TP=2 run's; fresh moments move the weights by a different,
     lr-sized amount (measured: update 2e-4, restored gap 1e-7, fresh-optimizer gap 4e-4)."""
     ckpt = layout_runs / "tp2_ckpt"
     resumed = run_job(2, ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+                          *with_reference(hf_model),
                           "--use-distributed-optimizer", "--load", str(ckpt / "step_000001"),
                           "--save", str(tmp_path / "ckpt")], tmp_path / "out")
     assert [r["step"] for r in resumed] == [2]

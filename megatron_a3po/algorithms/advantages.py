@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .common import check_finite_where, check_mask, check_tensor, coerce_config
+from .components import component
 
 
 @dataclass
@@ -110,6 +111,7 @@ def _finish(seq: torch.Tensor, mask: torch.Tensor, cfg: AdvantageConfig, *, keep
     return AdvantageOutput(seq_advantages=seq, token_advantages=token, polarity=polarity, loss_mask=loss_mask)
 
 
+@component(settings=AdvantageConfig)
 def grpo(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     """GRPO: A_i = (r_i - mean_group) / (std_group + eps), unbiased std; then P/N polarity weights."""
     cfg = coerce_config(config, AdvantageConfig)
@@ -118,6 +120,7 @@ def grpo(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     return _finish(seq, mask, cfg)
 
 
+@component(settings=AdvantageConfig)
 def dr_grpo(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     """Dr. GRPO: A_i = r_i - mean_group (no std normalisation). Pair with seq-mean-token-sum-norm."""
     cfg = coerce_config(config, AdvantageConfig)
@@ -126,11 +129,13 @@ def dr_grpo(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     return _finish(seq, mask, cfg)
 
 
+@component(settings=AdvantageConfig)
 def polarity_weighted(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     """GRPO advantages with positive ones scaled by config.pos_weight (P) and negative ones by neg_weight (N)."""
     return grpo(rewards, response_mask, groups, config)
 
 
+@component(settings=AdvantageConfig)
 def psr(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     """Positive-sample reinforcement: GRPO advantages, negative responses dropped from the loss (loss_mask 0)."""
     cfg = coerce_config(config, AdvantageConfig)
@@ -139,6 +144,7 @@ def psr(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     return _finish(seq, mask, cfg, keep="positive", weights=False)
 
 
+@component(settings=AdvantageConfig)
 def nsr(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     """Negative-sample reinforcement: GRPO advantages, positive responses dropped from the loss (loss_mask 0)."""
     cfg = coerce_config(config, AdvantageConfig)
@@ -147,6 +153,7 @@ def nsr(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     return _finish(seq, mask, cfg, keep="negative", weights=False)
 
 
+@component(settings=AdvantageConfig)
 def w_reinforce(rewards, response_mask, groups, config=None) -> AdvantageOutput:
     """Weighted-REINFORCE (Zhu et al.): +lambda for correct responses, -1 for incorrect ones, no baseline.
 

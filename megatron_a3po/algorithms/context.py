@@ -6,7 +6,9 @@ response layout (T = padded response length) unless noted.
 
 Phases
 - step level (once per RL step, before the mini-batch split): rewards, seq_advantages, advantages,
-  polarity, response_mask, old_logprobs, old_entropy, step, total_steps → shapers with `phase == "step"`.
+  polarity, response_mask, old_logprobs, rollout_logprobs, old_entropy, ref_logprobs, step, total_steps →
+  shapers with `phase == "step"` and the rollout correction. Fields a component did not declare in its
+  `needs` may be None (the trainer computes only what the resolved algorithm needs).
 - micro-batch level (inside the loss function): the same fields sliced to the micro-batch plus logprobs
   (current policy, with grad), entropy (current policy; with grad only if a loss term needs it),
   ref_logprobs, proxy_logprobs → policy losses and shapers with `phase == "microbatch"`.
@@ -36,7 +38,8 @@ class AlgoContext:
     polarity: torch.Tensor | None = None  # int8 [B]: sign(A_i) in {-1, 0, +1}
     loss_mask: torch.Tensor | None = None  # bool [B, T]: tokens that enter the loss (psr/nsr drop rows); default response_mask
 
-    old_logprobs: torch.Tensor | None = None  # [B, T] behaviour/old policy log-probs of the sampled tokens
+    old_logprobs: torch.Tensor | None = None  # [B, T] old policy (pi_old) log-probs of the sampled tokens
+    rollout_logprobs: torch.Tensor | None = None  # [B, T] the rollout engine's (behaviour policy) log-probs
     old_entropy: torch.Tensor | None = None  # [B, T] old policy token entropy
     logprobs: torch.Tensor | None = None  # [B, T] current policy log-probs (requires grad)
     entropy: torch.Tensor | None = None  # [B, T] current policy entropy
@@ -54,7 +57,7 @@ class AlgoContext:
             self.response_mask = self.response_mask != 0
         if self.loss_mask is not None and self.loss_mask.dtype != torch.bool:
             self.loss_mask = self.loss_mask != 0
-        for name in ("advantages", "old_logprobs", "old_entropy", "logprobs", "entropy", "ref_logprobs", "proxy_logprobs", "loss_mask"):
+        for name in ("advantages", "old_logprobs", "rollout_logprobs", "old_entropy", "logprobs", "entropy", "ref_logprobs", "proxy_logprobs", "loss_mask"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != tuple(self.response_mask.shape):
                 raise ValueError(

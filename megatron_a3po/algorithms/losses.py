@@ -4,8 +4,8 @@ A policy loss has the signature (a `module:function` user hook must match it):
 
     loss_fn(ctx: AlgoContext) -> (loss_mat [B, T], metrics: dict[str, Tensor])
 
-`loss_mat` is the per-token loss (its value outside ctx.mask is ignored); `compute_policy_loss` adds the
-optional entropy bonus / KL-to-reference terms and aggregates with a global normaliser (aggregation.py).
+`loss_mat` is the per-token loss (its value outside ctx.mask is ignored); `compute_policy_loss` (algorithm.py)
+adds the optional entropy bonus / KL-to-reference terms and aggregates with a global normaliser (aggregation.py).
 Inputs come from ctx: logprobs (current, with grad), old_logprobs, advantages (token advantages after
 shaping), mask (= loss_mask or response_mask); plus ref_logprobs / entropy / proxy_logprobs when needed.
 Metrics are detached micro-batch means over ctx.mask.
@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from .aggregation import LossNormaliser, aggregate
 from .common import check_choice, check_fraction, coerce_config, masked_mean
+from .components import component
 from .context import AlgoContext
 from .selection import k_from_ratio, select_k_smallest
 
@@ -64,10 +64,31 @@ class PolicyLossConfig:
         check_choice("kl_type", self.kl_type, KL_TYPES)
         check_choice("lp_reg_kl_type", self.lp_reg_kl_type, KL_TYPES)
 
+    @property
+    def minp_kappa(self) -> float:
+        """The min-p proxy's threshold, for the old-log-prob pass (lp_reg)."""
+        return self.lp_reg_kappa
+
+
+@dataclass
+class RegulariserConfig:
+    """Terms added to any policy loss: loss -= entropy_coef * entropy; loss += kl_coef * KL(pi || ref)."""
+
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"
+
+    def __post_init__(self) -> None:
+        for name in ("entropy_coef", "kl_coef"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        check_choice("kl_type", self.kl_type, KL_TYPES)
+
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str = "low_var_kl") -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from samples of pi: k1 = log r, k2 = (log r)^2 / 2,
-    k3 = exp(-log r) + log r - 1 with log r = logprobs - ref_logprobs; low_var_kl = k3 clamped to [-10, 10]."""
+    k3 = exp(-log r) + log r - 1 with log r = logprobs - ref_logprobs (-log r limited to ±20 inside k3, for
+    numerical safety); low_var_kl = k3 clamped to [-10, 10]."""
     check_choice("kl_type", kl_type, KL_TYPES)
     log_r = logprobs - ref_logprobs
     if kl_type == "k1":
@@ -121,6 +142,7 @@ def _common_metrics(log_ratio, mask, metrics):
         metrics["ratio_mean"] = masked_mean(torch.exp(log_ratio), mask)
 
 
+@component(settings=PolicyLossConfig, needs=("old_logprobs",))
 def ppo_clip(ctx: AlgoContext):
     """PPO clipped surrogate with asymmetric clip (clip-higher) and dual clip."""
     cfg = coerce_config(ctx.config, PolicyLossConfig, "policy loss config")
@@ -139,6 +161,7 @@ def _centered_cov(adv, logp, mask):
         return (adv - masked_mean(adv, mask)) * (lp - masked_mean(lp, mask))
 
 
+@component(settings=PolicyLossConfig, needs=("old_logprobs",))
 def clip_cov(ctx: AlgoContext):
     """Clip-Cov (Cui et al. 2505.22617): PPO-clip loss, with the gradient of a random r-fraction of the tokens
     (chosen among unclipped tokens with lb < Cov < ub) set to zero. Randomness: ctx.generator."""
@@ -165,6 +188,7 @@ def clip_cov(ctx: AlgoContext):
     return torch.where(corr, loss, torch.zeros_like(loss)), metrics
 
 
+@component(settings=PolicyLossConfig, needs=("old_logprobs",))
 def kl_cov(ctx: AlgoContext):
     """KL-Cov (Cui et al. 2505.22617): unclipped policy gradient -A r, plus beta * |log r| on the
     k-fraction of tokens with the largest Cov (ties: earliest token)."""
@@ -184,6 +208,7 @@ def kl_cov(ctx: AlgoContext):
     return loss, metrics
 
 
+@component(settings=PolicyLossConfig, needs=("old_logprobs", "proxy_logprobs"))
 def lp_reg(ctx: AlgoContext):
     """Lp-Reg (Huang et al. 2510.03222): PPO-clip loss; among negative-advantage tokens, the lp_reg_ratio
     fraction with the lowest current prob whose log pi < log pi_proxy (the min-p proxy built from the old
@@ -217,7 +242,8 @@ POLICY_LOSSES: dict[str, Callable[[AlgoContext], Any]] = {
 }
 
 
-def add_regularisers(loss_mat: torch.Tensor, ctx: AlgoContext, cfg: PolicyLossConfig, metrics: dict) -> torch.Tensor:
+def add_regularisers(loss_mat: torch.Tensor, ctx: AlgoContext, cfg: RegulariserConfig | PolicyLossConfig,
+                     metrics: dict) -> torch.Tensor:
     """loss -= entropy_coef * entropy; loss += kl_coef * KL(pi || ref). Both off unless their coef > 0."""
     if cfg.entropy_coef > 0:
         entropy = ctx.require("entropy", by="the entropy bonus (entropy_coef > 0)")
@@ -232,39 +258,3 @@ def add_regularisers(loss_mat: torch.Tensor, ctx: AlgoContext, cfg: PolicyLossCo
         loss_mat = loss_mat + cfg.kl_coef * kl
     return loss_mat
 
-
-def compute_policy_loss(
-    ctx: AlgoContext,
-    loss_fn: Callable[[AlgoContext], Any] | str = "ppo_clip",
-    *,
-    loss_config: Any = None,
-    agg_mode: str = "token-mean",
-    normaliser: LossNormaliser | None = None,
-    shaper: Callable[[AlgoContext], torch.Tensor] | str | None = None,
-    shaper_config: Any = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch: [micro-batch shaper] → policy loss → regularisers → aggregate (its share of the loss).
-
-    `shaper` is applied here only if its phase is "microbatch" (e.g. fork_tokens); step-level shapers are
-    applied by the trainer once per step (their weights already sit in ctx.advantages).
-    """
-    from .registry import get_policy_loss, get_shaper, shaper_phase
-
-    fn = get_policy_loss(loss_fn) if isinstance(loss_fn, str) else loss_fn
-    if fn in POLICY_LOSSES.values() or loss_config is None or isinstance(loss_config, PolicyLossConfig):
-        cfg = coerce_config(loss_config, PolicyLossConfig, "loss_config")
-        hook_config: Any = cfg
-    else:  # a user hook with its own config: pass it through; regularisers read the fields they know
-        hook_config = loss_config
-        known = {k: getattr(loss_config, k, None) if not isinstance(loss_config, dict) else loss_config.get(k)
-                 for k in ("entropy_coef", "kl_coef", "kl_type")}
-        cfg = PolicyLossConfig(**{k: v for k, v in known.items() if v is not None})
-    if shaper is not None:
-        shaper_fn = get_shaper(shaper) if isinstance(shaper, str) else shaper
-        if shaper_phase(shaper_fn) == "microbatch":
-            weights = shaper_fn(ctx.replace(config=shaper_config))
-            ctx = ctx.replace(advantages=ctx.require("advantages", by="compute_policy_loss") * weights)
-    loss_mat, metrics = fn(ctx.replace(config=hook_config))
-    loss_mat = add_regularisers(loss_mat, ctx, cfg, metrics)
-    loss = aggregate(loss_mat, ctx.mask, agg_mode, normaliser=normaliser)
-    return loss, metrics

@@ -5,6 +5,7 @@ Hook signatures:
     advantage fn: fn(rewards[B], response_mask[B, T], groups, config=None) -> AdvantageOutput
     shaper:       fn(ctx: AlgoContext) -> weights[B, T]; optional attribute `phase` = "step" | "microbatch"
     policy loss:  fn(ctx: AlgoContext) -> (loss_mat[B, T], metrics dict)
+A hook declares its settings, phase, needed inputs and metrics with `components.component` (decorator).
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def get_shaper(name: str | Callable) -> Callable[..., Any]:
 
 def get_policy_loss(name: str | Callable) -> Callable[..., Any]:
     return _resolve("policy_loss", name)
+
+
+def get_component(kind: str, name: str | Callable) -> Callable[..., Any]:
+    """The function registered as `name` (or imported from 'module:function') in registry `kind`."""
+    if kind not in _REGISTRIES:
+        raise ValueError(f"kind must be one of {sorted(_REGISTRIES)}, got {kind!r}")
+    return get_shaper(name) if kind == "shaper" else _resolve(kind, name)
 
 
 def shaper_phase(fn: Callable[..., Any]) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .common import check_choice, check_fraction, check_mask, check_step, check_tensor, coerce_config
+from .components import component
 from .context import AlgoContext
 from .selection import iter_selected_chunks, k_from_ratio, row_counts, select_k_smallest
 
@@ -218,6 +219,16 @@ def _seq_adv(ctx: AlgoContext, by: str) -> torch.Tensor:
     raise ValueError(f"{by} needs AlgoContext.seq_advantages (or polarity); the trainer must fill it from the advantage output")
 
 
+def _metric_needs(cfg) -> tuple[str, ...]:
+    return ("old_entropy",) if cfg.metric == "entropy" else ("old_logprobs",)
+
+
+def _a3po_metrics(cfg: A3POConfig, step: int) -> dict[str, float]:
+    return {"a3po/weight_pos": a3po_weight(step, cfg.rho_pos, cfg.alpha_pos, cfg.schedule),
+            "a3po/weight_neg": a3po_weight(step, cfg.rho_neg, cfg.alpha_neg, cfg.schedule)}
+
+
+@component(settings=A3POConfig, phase="step", needs=_metric_needs, metrics=_a3po_metrics)
 def a3po(ctx: AlgoContext) -> torch.Tensor:
     cfg = coerce_config(ctx.config, A3POConfig, "a3po config")
     old = ctx.require("old_logprobs", by="a3po")
@@ -228,6 +239,7 @@ def a3po(ctx: AlgoContext) -> torch.Tensor:
     )
 
 
+@component(settings=TokenWeightedConfig, phase="step", needs=_metric_needs)
 def token_weighted(ctx: AlgoContext) -> torch.Tensor:
     cfg = coerce_config(ctx.config, TokenWeightedConfig, "token_weighted config")
     old = ctx.old_logprobs
@@ -241,14 +253,11 @@ def token_weighted(ctx: AlgoContext) -> torch.Tensor:
     )
 
 
+@component(settings=ForkTokensConfig, phase="microbatch", needs=("entropy",))
 def fork_tokens(ctx: AlgoContext) -> torch.Tensor:
     cfg = coerce_config(ctx.config, ForkTokensConfig, "fork_tokens config")
     entropy = ctx.require("entropy", by="fork_tokens")
     return fork_token_weights(entropy, ctx.mask, ratio=cfg.ratio, normalise=cfg.normalise)
 
-
-a3po.phase = "step"  # type: ignore[attr-defined]
-token_weighted.phase = "step"  # type: ignore[attr-defined]
-fork_tokens.phase = "microbatch"  # type: ignore[attr-defined]
 
 SHAPERS: dict[str, Any] = {"a3po": a3po, "token_weighted": token_weighted, "fork_tokens": fork_tokens}

@@ -178,7 +178,7 @@ def uses_te_names(chunks) -> bool:
 def local_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(global Megatron name, parameter) for every parameter this rank holds, layer indices made global."""
     for chunk in chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap(chunk)
         global_index = {}
         if hasattr(chunk, "decoder"):
             for local_i, layer in enumerate(chunk.decoder.layers):
@@ -190,7 +190,8 @@ def local_parameters(chunks) -> Iterator[tuple[str, torch.nn.Parameter]]:
             yield ".".join(parts), param
 
 
-def _unwrap(module):
+def unwrap(module):
+    """The model inside DDP / Float16Module wrappers."""
     while hasattr(module, "module"):
         module = module.module
     return module

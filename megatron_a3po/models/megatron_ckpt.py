@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from megatron_a3po.models.families import ModelArch, arch_from_hf_config
+from megatron_a3po.models.hf_mapping import unwrap
 
 METADATA_FILE = "a3po_metadata.json"
 HF_FILES_DIR = "hf"
@@ -124,17 +125,11 @@ def load_padded_vocab(meta: CheckpointMeta, tp: int, divisible_by: int | None = 
     return padded_vocab_size(meta.arch.vocab_size, divisible_by or meta.make_vocab_size_divisible_by, tp)
 
 
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def sharded_state_dict(chunks) -> dict:
     """The model's own sharded state dict (DDP / Float16Module unwrapped), one sub-dict per chunk."""
     if len(chunks) == 1:
-        return _unwrap(chunks[0]).sharded_state_dict()
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        return unwrap(chunks[0]).sharded_state_dict()
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 @contextlib.contextmanager
@@ -195,7 +190,7 @@ def load_model(chunks, ckpt_dir: str | Path, arch: ModelArch | None = None) -> N
         ) from None
     states = [loaded] if len(chunks) == 1 else [loaded[f"model{i}"] for i in range(len(chunks))]
     for chunk, state in zip(chunks, states):
-        missing, unexpected = _unwrap(chunk).load_state_dict(state, strict=False)
+        missing, unexpected = unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise MegatronCheckpointError(f"{ckpt_dir}: parameters not restored {missing}, unknown {unexpected}")

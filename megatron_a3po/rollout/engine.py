@@ -29,6 +29,9 @@ def engine_kwargs(hf_path: str, *, rollout_tp: int, max_model_len: int, seed: in
         dtype=dtype, seed=seed, max_model_len=max_model_len, load_format=load_format,
         gpu_memory_utilization=gpu_memory_utilization, enforce_eager=not on_gpu, enable_sleep_mode=on_gpu,
         enable_prefix_caching=False,  # refit changes weights under cached prefixes
+        # log-probs of the distribution actually sampled (temperature applied): the behaviour policy that the
+        # trainer's old log-probs (same temperature) are compared with and corrected towards
+        logprobs_mode="processed_logprobs",
     )
 
 

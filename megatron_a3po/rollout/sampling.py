@@ -35,7 +35,7 @@ class SamplingConfig:
         return SamplingParams(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else 0,
             max_tokens=self.max_new_tokens, stop=list(self.stop) or None, seed=self.seed + seed_offset,
-            logprobs=0,  # the sampled token's log-prob (raw model distribution), for the train/rollout mismatch
+            logprobs=0,  # the sampled token's log-prob (after temperature / top-k / top-p), the behaviour policy
             include_stop_str_in_output=True, skip_special_tokens=False,
         )
 

@@ -1,0 +1,122 @@
+"""What an algorithm component (advantage estimator, token shaper, policy loss) declares about itself.
+
+A component is a registered function (or a user's `module:function`) decorated with `@component(...)`:
+
+    @component(settings=MyShaperConfig, phase="step", needs=("old_entropy",), metrics=my_metrics)
+    def my_shaper(ctx: AlgoContext) -> torch.Tensor: ...
+
+- `settings`: a dataclass with defaults (and validation in `__post_init__`); the component receives an instance
+  as `ctx.config` (advantage estimators: as `config=`). YAML nests its fields: `shaper: {name: ..., key: value}`.
+- `phase` (shapers): "step" (once per RL step from the old policy) or "microbatch" (inside the loss).
+- `needs`: the inputs the trainer must compute for it (`INPUTS`); a tuple, or a function of the settings.
+- `metrics(settings, step) -> {name: float}`: logged every step.
+
+An undecorated function is a component with no settings class (its config is passed through as given), no needs
+and its `phase` attribute (default "step").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from .common import coerce_config
+
+# Inputs a component can ask for; the trainer computes exactly the union of what the resolved algorithm needs.
+INPUTS = {
+    "old_logprobs": "old-policy log-probs of the sampled tokens (old-log-prob pass, or vLLM's with "
+                    "--use-rollout-logprobs)",
+    "old_entropy": "old-policy token entropy (old-log-prob pass)",
+    "proxy_logprobs": "log-probs under the old policy's min-p proxy (old-log-prob pass; the settings' minp_kappa)",
+    "rollout_logprobs": "vLLM's log-probs of the sampled tokens (the behaviour policy)",
+    "ref_logprobs": "the frozen reference policy's log-probs (needs --kl-coef > 0: the reference model is built)",
+    "entropy": "current-policy token entropy inside the loss, detached",
+    "entropy_grad": "current-policy token entropy inside the loss, with gradient",
+}
+PHASES = ("step", "microbatch")
+
+
+@dataclass(frozen=True)
+class Declaration:
+    settings: type | None = None
+    phase: str = "step"
+    needs: tuple[str, ...] | Callable[[Any], Iterable[str]] = ()
+    metrics: Callable[[Any, int], dict[str, float]] | None = None
+
+
+def component(*, settings: type | None = None, phase: str = "step",
+              needs: Iterable[str] | Callable[[Any], Iterable[str]] = (),
+              metrics: Callable[[Any, int], dict[str, float]] | None = None):
+    """Decorator: declare a component's settings, phase, needed inputs and metrics (see the module doc)."""
+    if settings is not None and not dataclasses.is_dataclass(settings):
+        raise ValueError(f"component settings must be a dataclass, got {settings!r}")
+    if phase not in PHASES:
+        raise ValueError(f"component phase must be one of {list(PHASES)}, got {phase!r}")
+    if not callable(needs):
+        needs = tuple(needs)
+        _check_needs(needs, "component(needs=...)")
+
+    def declare(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.declaration = Declaration(settings, phase, needs, metrics)  # type: ignore[attr-defined]
+        fn.phase = phase  # type: ignore[attr-defined]  # what registry.shaper_phase reads
+        return fn
+
+    return declare
+
+
+def declaration(fn: Callable[..., Any]) -> Declaration:
+    declared = getattr(fn, "declaration", None)
+    return declared if isinstance(declared, Declaration) else Declaration(phase=getattr(fn, "phase", "step"))
+
+
+def _check_needs(needs: Iterable[str], where: str) -> frozenset[str]:
+    needs = frozenset(needs)
+    unknown = sorted(needs - set(INPUTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown inputs {unknown}; a component can need {sorted(INPUTS)}")
+    return needs
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A component resolved once: its function and its settings instance."""
+
+    kind: str  # "advantage" | "shaper" | "policy_loss"
+    name: str  # registered name, or the hook's "module:function"
+    fn: Callable[..., Any]
+    settings: Any  # an instance of the declared settings class; a hook without one: its config as given (or None)
+    declared: Declaration
+
+    @property
+    def label(self) -> str:
+        """The name without a hook's module path, for metric names."""
+        return self.name.rsplit(":", 1)[-1]
+
+    @property
+    def phase(self) -> str:
+        return self.declared.phase
+
+    @property
+    def needs(self) -> frozenset[str]:
+        needs = self.declared.needs
+        return _check_needs(needs(self.settings) if callable(needs) else needs, f"{self.kind} {self.name!r}")
+
+    def metrics(self, step: int) -> dict[str, float]:
+        return dict(self.declared.metrics(self.settings, step)) if self.declared.metrics else {}
+
+
+def bind(kind: str, name: str, fn: Callable[..., Any], settings: Mapping[str, Any] | None = None) -> Bound:
+    """Build the component's settings from `settings` (unknown keys and bad values raise ValueError)."""
+    declared = declaration(fn)
+    if declared.settings is not None:
+        config = coerce_config(dict(settings or {}), declared.settings, f"{kind} {name!r} settings")
+    else:
+        config = dict(settings) if settings else None
+    return Bound(kind, name, fn, config, declared)
+
+
+def settings_fields(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The settings field names a component declares (empty for a hook without a settings class)."""
+    cls = declaration(fn).settings
+    return tuple(f.name for f in dataclasses.fields(cls)) if cls is not None else ()
