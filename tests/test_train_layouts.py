@@ -75,7 +75,8 @@ def test_first_step_matches_tp1(first_steps, layout):
     for key in ("reward/mean", "response/length_mean", "pos/count", "neg/count"):
         assert first[key] == first_ref[key], key
     assert first_ref["pos/count"] > 0 and first_ref["neg/count"] > 0
-    for key in ("loss/pg_loss", "entropy", "train/grad_norm", "pos/clipfrac", "neg/clipfrac", "loss/ref_kl"):
+    # (pg_loss includes the KL penalty's term; loss/ref_kl itself is a mean of micro-batch means, split-dependent)
+    for key in ("loss/pg_loss", "entropy", "train/grad_norm", "pos/clipfrac", "neg/clipfrac"):
         assert math.isclose(first[key], first_ref[key], rel_tol=1e-4, abs_tol=1e-6), \
             f"{key}: {layout} {first[key]} vs tp1 {first_ref[key]}"
     assert first_ref["train/grad_norm"] > 0 and first_ref["loss/pg_loss"] != 0
