@@ -107,6 +107,7 @@ def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int, *,
         stats[f"{name}/advantage_mass"] = ((exp.advantages * row_tokens).sum().item(), "sum")
         if mismatch:
             _add(stats, f"{name}/mismatch_kl_k3", k3, row_tokens)
+            _add(stats, f"{name}/mismatch_logp_abs_mean", log_r.abs(), row_tokens)
         if correction is not None:
             _add(stats, f"{name}/correction_truncated_fraction", correction.truncated.float(), row_tokens)
             _add(stats, f"{name}/correction_masked_fraction", correction.rejected.float(), row_tokens)

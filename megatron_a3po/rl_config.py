@@ -128,7 +128,8 @@ class RLConfig:
 _DEFAULTS = RLConfig()
 # RL fields that feed a component setting of the same name (whichever component declares it)
 _FIELDS = {"advantage": "advantage_estimator", "shaper": "token_shaper", "policy_loss": "policy_loss"}
-_SHARED_SETTINGS = ("clip_ratio_low", "clip_ratio_high", "dual_clip_c", "entropy_coef", "kl_coef", "kl_type")
+_REGULARISERS = ("entropy_coef", "kl_coef", "kl_type")  # the Algorithm's, for every loss
+_SHARED_SETTINGS = ("clip_ratio_low", "clip_ratio_high", "dual_clip_c", *_REGULARISERS)
 
 
 def resolve_algorithm(rl: RLConfig):
@@ -171,6 +172,10 @@ def _bind(kind: str, spec: str | dict, rl: RLConfig, preset: dict[str, Any]):
 
     name = component_name(spec)
     nested = {k.replace("-", "_"): v for k, v in spec.items() if k != "name"} if isinstance(spec, dict) else {}
+    regulariser = sorted(set(nested) & set(_REGULARISERS))
+    if regulariser:  # one place: they apply to every loss, and decide whether the reference policy is built
+        raise ConfigError(f"rl.{_yaml_key(kind)}.{regulariser[0]}: set it as rl.{regulariser[0]} "
+                          f"({flag_name(regulariser[0])}), not inside a component")
     fn = A.get_component(kind, name)
     settings: dict[str, Any] = {}
     for key in A.settings_fields(fn):
@@ -183,16 +188,19 @@ def _bind(kind: str, spec: str | dict, rl: RLConfig, preset: dict[str, Any]):
                 continue
             value, changed = preset[key], False
         if key in nested and changed and nested[key] != value:
-            short = {v: k for k, v in RLConfig.YAML_ALIASES.items()}[_FIELDS[kind]]
-            raise ConfigError(f"{flag_name(alias)} {value} and rl.{short}.{key}: {nested[key]} disagree; "
+            raise ConfigError(f"{flag_name(alias)} {value} and rl.{_yaml_key(kind)}.{key}: {nested[key]} disagree; "
                               "set it in one place")
         settings[key] = value
     settings.update(nested)
     try:
         return A.bind(kind, name, fn, settings)
     except (ValueError, TypeError) as err:
-        short = {v: k for k, v in RLConfig.YAML_ALIASES.items()}[_FIELDS[kind]]
-        raise ConfigError(f"{kind} {name!r} (rl.{short} / {flag_name(_FIELDS[kind])}): {err}") from None
+        raise ConfigError(f"{kind} {name!r} (rl.{_yaml_key(kind)} / {flag_name(_FIELDS[kind])}): {err}") from None
+
+
+def _yaml_key(kind: str) -> str:
+    """The short YAML key of a component kind: advantage, shaper, loss."""
+    return {field: key for key, field in RLConfig.YAML_ALIASES.items()}[_FIELDS[kind]]
 
 
 def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int) -> None:

@@ -43,6 +43,8 @@ def test_conflicting_or_unknown_settings_are_refused(tmp_path):
         resolve_algorithm(load(tmp_path, "rl:\n  shaper: {name: a3po, ratio: 0.25}\n", "--a3po-ratio", "0.3").rl)
     with pytest.raises(C.ConfigError, match=r"unknown keys \['ration'\]"):
         resolve_algorithm(load(tmp_path, "rl:\n  shaper: {name: a3po, ration: 0.25}\n").rl)
+    with pytest.raises(C.ConfigError, match=r"rl.loss.kl_coef: set it as rl.kl_coef \(--kl-coef\)"):
+        resolve_algorithm(load(tmp_path, "rl:\n  loss: {name: ppo_clip, kl_coef: 0.1}\n").rl)
     with pytest.raises(C.ConfigError, match="needs a `name:`"):
         resolve_algorithm(load(tmp_path, "rl:\n  shaper: {ratio: 0.25}\n").rl)
     with pytest.raises(C.ConfigError, match="expected a single str"):

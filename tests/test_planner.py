@@ -60,6 +60,16 @@ def test_model_state_follows_megatron_distributed_optimizer_docs():
     assert sharded.lines["weights"] + sharded.lines["gradients"] + sharded.lines["optimizer"] == 7.5 * TOTAL
 
 
+def test_reference_policy_adds_its_weights_to_both_phases():
+    """--kl-coef builds a frozen reference (bf16 weights only, 2 bytes/param, same layout) resident throughout."""
+    layout = P.Layout(nodes=1, gpus_per_node=8, gpu_memory=141 * GiB)
+    plain = P.plan(cfg_for("--tensor-model-parallel-size", "1"), ARCH, layout)
+    with_ref = P.plan(cfg_for("--tensor-model-parallel-size", "1", "--kl-coef", "0.1"), ARCH, layout)
+    assert "reference" not in plain.lines and with_ref.lines["reference"] == 2 * TOTAL
+    assert with_ref.model_state - plain.model_state == 2 * TOTAL
+    assert with_ref.train_peak - plain.train_peak == with_ref.rollout_peak - plain.rollout_peak == 2 * TOTAL
+
+
 @pytest.mark.parametrize("recompute", [None, "selective", "full"])
 def test_activations_follow_korthikanti_et_al(recompute):
     """Table 2 of "Reducing Activation Recomputation": sbhL(34 + 5as/h) without parallelism; /t with TP + SP;
