@@ -1,4 +1,4 @@
-"""Training checkpoints (save / exact resume) and run guards (non-finite updates, preemption).
+"""Training checkpoints: save and exact resume (run guards live in guards.py).
 
 A training checkpoint `--save DIR/step_XXXXXX/` is a converted Megatron checkpoint plus the training state:
 
@@ -6,60 +6,59 @@ A training checkpoint `--save DIR/step_XXXXXX/` is a converted Megatron checkpoi
     a3po_metadata.json, hf/              as written by `a3po-convert`: the directory also loads as a converted
                                          checkpoint (weights only), at any TP/PP
     optimizer/                           Megatron optimizer `sharded_state_dict` via dist_checkpointing
-    rank_state/rank_XXXXX.pt             per-rank RNG states (python, numpy, torch CPU, megatron's RNG tracker)
+    rank_state/rank_XXXXX.pt             per-rank RNG states (python, numpy, torch CPU, megatron's RNG tracker),
+                                         tensors and numbers only (read with weights_only=True)
     config.json                          the resolved config of the run that wrote it
     a3po_train_state.json                the marker, written last: RL step, LR scheduler, data sampler, layout
 
-Saving is atomic: every rank writes into `DIR/.tmp_step_XXXXXX`, a barrier, then rank 0 renames it to
-`step_XXXXXX` and finally rewrites `DIR/latest` (the step dir name) through a rename. A crash at any moment
-leaves the previous checkpoint and `latest` intact.
+Saving survives a crash at any instant (checkpoint_files.py has the protocol): every rank writes into
+`DIR/.tmp_step_XXXXXX` and fsyncs, rank 0 writes the marker with a manifest of every file, sets an existing
+`step_XXXXXX` aside, renames the new one in, swaps `latest`, removes the aside copy, then applies retention
+(`--keep-last-checkpoints`, `--keep-checkpoint-interval`). Before writing, every rank checks its free space and
+all refuse together when one lacks it. Resuming from a --save dir verifies the checkpoint `latest` names (every
+manifest file present, with its size) and falls back to the newest complete one with a warning.
 
 `--load` accepts a training checkpoint, a `--save` directory (follows `latest`), or a converted checkpoint.
 A training checkpoint resumes everything when the parallel layout (world size, TP, PP, VPP, CP) is unchanged;
 at another layout everything but the per-rank RNG states is restored (weights and optimizer re-sharded).
-
-Run guards: `install_nonfinite_guard` makes the Megatron optimizer skip (and report grad_norm nan,
-update_successful False) any update whose gradients hold NaN/Inf on any rank - megatron-core's fp32 / bf16
-optimizers do not check that themselves; `RunGuard` counts consecutive steps with skipped updates and turns
-SIGTERM into a flag the trainer checks after each step.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import pickle
 import random
 import shutil
-import signal
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_a3po import optimizer_state, platform
+from megatron_a3po import checkpoint_files as files
+from megatron_a3po import optimizer_state
+from megatron_a3po.checkpoint_files import LATEST, MARKER, step_dir_name
 from megatron_a3po.config import ConfigError
 
-MARKER = "a3po_train_state.json"
-LATEST = "latest"
 FORMAT = "megatron-a3po/train-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a file manifest in the marker, RNG states as tensors
 OPTIMIZER_DIR = "optimizer"
 RANK_STATE_DIR = "rank_state"
 # Settings that may change on resume without making it inexact-by-design.
-RESUME_FREE_SETTINGS = {("training", "load"), ("training", "save"), ("training", "save_interval"),
-                        ("training", "train_iters"), ("rl", "train_steps"), ("rl", "output_dir"),
+RESUME_FREE_SETTINGS = {("training", "load"), ("training", "ref_load"), ("training", "save"),
+                        ("training", "save_interval"), ("training", "train_iters"), ("rl", "train_steps"),
+                        ("rl", "output_dir"),
                         ("rl", "export_hf"), ("rl", "wandb_project"), ("rl", "wandb_run_name"),
-                        ("rl", "max_consecutive_nan_steps"), ("model", "hf_path"), ("model", "tiny_model")}
+                        ("rl", "max_consecutive_nan_steps"), ("model", "hf_path"), ("model", "tiny_model"),
+                        ("training", "keep_last_checkpoints"), ("training", "keep_checkpoint_interval"),
+                        ("training", "allow_config_change")}
 
 
 class CheckpointError(ConfigError):
     """A --load / --save directory that cannot be used; the message names the problem and the fix."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 # ---- what --load points at ---------------------------------------------------------------------------------
@@ -74,13 +73,19 @@ def resolve_load_dir(path: str | Path) -> tuple[Path, bool]:
         raise CheckpointError(f"--load {path}: not a directory; pass a checkpoint directory from --save or "
                               "`a3po-convert hf-to-megatron`")
     if (path / MARKER).is_file():
+        missing = files.problems(path)
+        if missing:
+            raise CheckpointError(f"--load {path}: the checkpoint is incomplete ({'; '.join(missing[:3])}); pass "
+                                  f"its --save directory to resume from the newest complete one")
         return path, True
-    if (path / LATEST).is_file():
-        name = (path / LATEST).read_text().strip()
-        target = path / name
-        if not name or not (target / MARKER).is_file():
-            raise CheckpointError(f"--load {path}: {path / LATEST} names {name!r}, which is not a complete training "
-                                  f"checkpoint; pass one of the step_* directories in {path} explicitly")
+    if (path / LATEST).is_file() or files.committed_steps(path):  # a --save dir (latest may be missing: a crash)
+        target, warnings = files.find_resumable(path)
+        if target is None:
+            raise CheckpointError(f"--load {path}: no complete checkpoint in it ({'; '.join(warnings[-3:])}); "
+                                  "start fresh with another --save directory")
+        if os.environ.get("RANK", "0") == "0":
+            for warning in warnings:
+                files.warn(warning)
         return target, True
     if (path / METADATA_FILE).is_file():
         return path, False
@@ -122,15 +127,31 @@ def check_resume(cfg, ckpt_dir: Path, state: dict, requested_arch=None) -> list[
     if state["step"] >= cfg.rl.train_steps:
         raise CheckpointError(f"--load {ckpt_dir}: the checkpoint is at RL step {state['step']}, which already "
                               f"reaches --train-steps {cfg.rl.train_steps}; raise --train-steps to train further")
-    warnings = []
+    warnings, changed = [], []
     saved, now = state["config"], cfg.to_dict()
     for section, values in saved.items():
         for key, value in values.items():
             if (section, key) in RESUME_FREE_SETTINGS or section not in now or key not in now[section]:
                 continue
             if now[section][key] != value:
-                warnings.append(f"{section}.{key}: checkpoint {value!r}, now {now[section][key]!r}")
-    return warnings
+                difference = f"{section}.{key}: checkpoint {value!r}, now {now[section][key]!r}"
+                (changed if _defines_the_run(section, key) else warnings).append(difference)
+    if changed and not cfg.training.allow_config_change:
+        raise CheckpointError(f"--load {ckpt_dir} is a run of another algorithm or model setup ({'; '.join(changed)})."
+                              " Continuing it under new settings mixes two experiments in one run: start a new run "
+                              "(its own --save / --output-dir), or pass --allow-config-change to resume anyway")
+    return warnings + changed
+
+
+# What makes a run the experiment it is: changing these on resume is an error unless --allow-config-change.
+_RUN_DEFINING = {"model": ("bf16", "fp16", "fp8_format", "fp8_recipe"), "rl": ("algorithm", "advantage_estimator", "token_shaper", "policy_loss",
+                                       "loss_agg_mode", "clip_ratio_low", "clip_ratio_high", "dual_clip_c",
+                                       "entropy_coef", "kl_coef", "kl_type", "rollout_correction",
+                                       "use_rollout_logprobs", "reward", "dataset")}
+
+
+def _defines_the_run(section: str, key: str) -> bool:
+    return key in _RUN_DEFINING.get(section, ()) or (section == "rl" and key.startswith("a3po_"))
 
 
 # ---- save -------------------------------------------------------------------------------------------------
@@ -146,19 +167,28 @@ def layout() -> dict:
 
 
 def rng_state() -> dict:
+    """Every RNG this rank draws from, as tensors and plain numbers: loadable with torch.load(weights_only=True),
+    so reading a checkpoint's rank state runs no pickled code."""
     from megatron.core import tensor_parallel
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "torch": torch.get_rng_state(),
+            "tracker": {name: state.cpu() for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
 
 
 def set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
 class Checkpointer:
@@ -181,9 +211,12 @@ class Checkpointer:
             return None
         rank = dist.get_rank()
         final = self.save_dir / step_dir_name(step)
-        tmp = self.save_dir / f".tmp_{step_dir_name(step)}"
+        tmp = self.save_dir / f"{files.TMP_PREFIX}{final.name}"
+        self._check_free_space()  # every rank, before anything is written: all refuse together
         if rank == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
+            for note in files.clean_stale(self.save_dir):
+                print(f"checkpoint: {note}", flush=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
@@ -195,23 +228,48 @@ class Checkpointer:
         dist.barrier()
         optimizer_state.save(self.policy, tmp / OPTIMIZER_DIR)
         torch.save({"rng": rng_state()}, tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt")
+        files.fsync_tree(tmp)  # this rank's files are durable before rank 0 writes the marker
+        files.kill_point(f"save_rank{rank}_written")
         dist.barrier()
         if rank == 0:
             self._write_metadata(tmp)
+            (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n")
             state = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "layout": layout(),
                      "scheduler": self.policy.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                      "config": self.cfg.to_dict(), **(extra or {})}
-            (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n")
-            (tmp / MARKER).write_text(json.dumps(state, indent=2, default=str) + "\n")  # last: marks it complete
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = self.save_dir / f".{LATEST}.tmp"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, self.save_dir / LATEST)
+            files.commit(tmp, final, state)
+            t = self.cfg.training
+            for removed in files.retain(self.save_dir, t.keep_last_checkpoints, t.keep_checkpoint_interval):
+                print(f"checkpoint: removed {removed.name} (--keep-last-checkpoints {t.keep_last_checkpoints})",
+                      flush=True)
         dist.barrier()
         self.last_saved = step
         return final
+
+    def _check_free_space(self) -> None:
+        """Collective: every rank compares its filesystem's free space with the checkpoint's expected size (the
+        last checkpoint's, else weights + fp32 master + Adam moments); if any lacks it, all raise together (no
+        rank left waiting in a barrier while another fails mid-write)."""
+        last, _ = files.find_resumable(self.save_dir) if self.save_dir.is_dir() else (None, [])
+        if last is not None:
+            need = sum(json.loads((last / MARKER).read_text()).get("manifest", {}).values())
+        else:
+            need = 0
+        if not need:
+            local = sum(p.numel() * (p.element_size() + 12) for c in self.policy.chunks for p in c.parameters())
+            need = local * dist.get_world_size()
+        need = int(need * 1.1)
+        free = files.free_bytes(self.save_dir)
+        report = [None] * dist.get_world_size()
+        dist.all_gather_object(report, (free, socket.gethostname()))
+        short = [(r, f, host) for r, (f, host) in enumerate(report) if f < need]
+        if short:
+            rank, free, host = short[0]
+            raise CheckpointError(
+                f"--save {self.save_dir}: {free / 2**30:.2f} GiB free for rank {rank} (host {host}), a checkpoint "
+                f"needs about {need / 2**30:.2f} GiB; nothing was written. Free space, lower "
+                "--keep-last-checkpoints, or point --save at a larger filesystem; resume from the last complete "
+                "checkpoint with --load")
 
     def _write_metadata(self, ckpt_dir: Path) -> None:
         from megatron_a3po.models import megatron_ckpt
@@ -266,82 +324,24 @@ def restore_rng(ckpt_dir: str | Path) -> bool:
     if read_train_state(ckpt_dir)["layout"] != layout():
         return False
     rank_file = ckpt_dir / RANK_STATE_DIR / f"rank_{dist.get_rank():05d}.pt"
-    set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+    try:
+        state = torch.load(rank_file, weights_only=True)["rng"]  # tensors and numbers only: no pickled code runs
+        set_rng_state(state)
+    except (pickle.UnpicklingError, KeyError, TypeError, IndexError) as err:
+        print(f"warning: {rank_file}: not loaded ({type(err).__name__}: {str(err)[:120]}; a checkpoint from before "
+              "RNG states were stored as tensors, or not ours): this rank's RNG states start fresh", file=sys.stderr)
+        return False
     return True
 
 
 def trim_metrics(output_dir: str | Path, step: int) -> None:
     """Drop metrics.jsonl rows after `step` (written by the interrupted run after its last checkpoint)."""
+    from megatron_a3po.metrics import read_jsonl
+
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [row for row in read_jsonl(path) if row["step"] <= step]  # a torn last line is dropped too
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
     os.replace(tmp, path)
-
-
-# ---- run guards -------------------------------------------------------------------------------------------
-
-
-def install_nonfinite_guard(optimizer, chunks) -> None:
-    """Make `optimizer.step()` skip the update when any rank's gradients hold NaN/Inf.
-
-    It reads the gradients megatron-core steps with: the DDP grad buffers of `chunks` (every parameter's
-    `main_grad`, already reduced across DP). With bf16 params or the distributed optimizer the optimizer's own
-    parameters get their grads only inside `step()`, so reading those beforehand would see nothing.
-    Skipped steps return (False, nan, None) - the same as megatron-core's own fp16 overflow skip - so
-    `PolicyModel.optimizer_step` reports update_successful=False, grad_norm nan.
-    """
-    step = optimizer.step
-    grad_buffers = [buffer.grad_data for chunk in chunks
-                    for buffer in [*chunk.buffers, *getattr(chunk, "expert_parallel_buffers", [])]]
-
-    @torch.no_grad()
-    def guarded_step():
-        bad = torch.zeros(1, device=platform.device())
-        for grads in grad_buffers:  # device-side reduction: one host sync per step, below
-            bad = torch.maximum(bad, (~torch.isfinite(grads).all()).float().reshape(1))
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
-            optimizer.zero_grad()
-            return False, float("nan"), None
-        return step()
-
-    optimizer.step = guarded_step
-
-
-def injected_nan_step() -> int | None:
-    """Test hook: A3PO_TEST_INJECT_NAN_STEP=k[,j...] makes the policy loss NaN at those RL steps."""
-    value = os.environ.get("A3PO_TEST_INJECT_NAN_STEP", "")
-    return {int(v) for v in value.split(",") if v.strip()} or None
-
-
-class RunGuard:
-    """Stop conditions checked after every step: SIGTERM (preemption) and too many non-finite steps."""
-
-    def __init__(self, max_consecutive_nan_steps: int):
-        self.max_nan = max_consecutive_nan_steps
-        self.consecutive_nan = 0
-        self.terminate = False
-        self.reason: str | None = None
-
-    def install_signal_handler(self) -> None:
-        def on_sigterm(signum, frame):
-            self.terminate = True
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    def check(self, step: int, metrics: dict) -> str | None:
-        """Collective. None to continue, else 'preempted' or 'nonfinite' (every rank gets the same answer)."""
-        bad = metrics.get("train/skipped_updates", 0) > 0 or not math.isfinite(metrics.get("train/grad_norm", 0.0))
-        self.consecutive_nan = self.consecutive_nan + 1 if bad else 0
-        flag = torch.tensor([1.0 if self.terminate else 0.0], device=platform.device())
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            self.reason = "preempted"
-        elif self.max_nan and self.consecutive_nan >= self.max_nan:
-            self.reason = "nonfinite"
-        return self.reason

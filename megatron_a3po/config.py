@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class TrainingConfig:
     ref_load: str | None = None  # the reference policy (--kl-coef > 0): HF dir or converted checkpoint; default: the start
     save: str | None = None
     save_interval: int = 0
+    keep_last_checkpoints: int = 0  # retention: keep the newest K step checkpoints (0: keep all)
+    keep_checkpoint_interval: int = 0  # ... and every N-th step's as well (0: none extra)
+    allow_config_change: bool = False  # resume although the algorithm or model settings changed
 
 
 @dataclass
@@ -108,14 +112,16 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected a single {base.__name__}, got a mapping {value!r}")
         return dict(value)
     try:
-        if base is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
+        if base is bool:  # strict: true/false (or 1/0, yes/no, on/off); a 2 or 0.5 is a mistake, not a truth value
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            if type(value) is int and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return base(value)
@@ -182,7 +188,21 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[Co
     cfg = Config()
     for path in args.config:
         cfg = from_dict(load_yaml(path), source=path, cfg=cfg)
-    return apply_flags(cfg, args), args
+    return expand_run_names(apply_flags(cfg, args)), args
+
+
+RUN_NAMED = (("training", "save"), ("rl", "output_dir"), ("rl", "wandb_run_name"), ("rl", "export_hf"))
+
+
+def expand_run_names(cfg: Config) -> Config:
+    """`{algorithm}` in --save / --output-dir / --wandb-run-name / --export-hf becomes the run's algorithm, so a
+    baseline overlay on a paper config writes to its own directories and wandb run."""
+    sections = cfg.sections()
+    for section, field_name in RUN_NAMED:
+        value = getattr(sections[section], field_name)
+        if isinstance(value, str) and "{algorithm}" in value:
+            setattr(sections[section], field_name, value.replace("{algorithm}", cfg.rl.algorithm))
+    return cfg
 
 
 def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
@@ -214,6 +234,7 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
             f"--global-batch-size {t.global_batch_size} must be divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}; choose a multiple of {t.micro_batch_size * dp}"
         )
+    validate_numbers(cfg)
     if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"--lr {t.lr} / --min-lr {t.min_lr}: need 0 <= --min-lr <= --lr")
     if t.clip_grad < 0:
@@ -243,6 +264,42 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
     _validate_packing(cfg)
     if arch is not None:
         validate_against_arch(cfg, arch)
+
+
+# (section, field) -> (low, high, low inclusive, high inclusive): the ranges of numeric flags not checked elsewhere
+_RANGES = {
+    ("training", "weight_decay"): (0, math.inf, True, False), ("training", "adam_beta1"): (0, 1, True, False),
+    ("training", "adam_beta2"): (0, 1, True, False), ("training", "lr_warmup_iters"): (0, math.inf, True, False),
+    ("training", "seed"): (0, 2**63, True, False), ("training", "save_interval"): (0, math.inf, True, False),
+    ("training", "keep_last_checkpoints"): (0, math.inf, True, False),
+    ("training", "keep_checkpoint_interval"): (0, math.inf, True, False),
+    ("parallel", "num_layers_per_virtual_pipeline_stage"): (1, math.inf, True, False),
+    ("model", "make_vocab_size_divisible_by"): (1, math.inf, True, False),
+    ("rl", "clip_ratio_low"): (0, 1, True, False), ("rl", "clip_ratio_high"): (0, math.inf, True, False),
+    ("rl", "dual_clip_c"): (1, math.inf, False, False), ("rl", "eval_temperature"): (0, math.inf, True, False),
+    ("rl", "gpu_memory_utilization"): (0, 1, False, True), ("rl", "rollout_kv_cache_gb"): (1, math.inf, True, False),
+    ("rl", "a3po_rho_pos"): (0, math.inf, False, False),
+    ("rl", "a3po_rho_neg"): (0, math.inf, False, False), ("rl", "a3po_alpha_pos"): (0, math.inf, True, False),
+    ("rl", "a3po_alpha_neg"): (0, math.inf, True, False), ("rl", "rollout_top_k"): (-1, math.inf, True, False),
+}
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Every float flag is finite (nan / inf pass most comparisons unnoticed); the listed ones are in range."""
+    for section_name, section in cfg.sections().items():
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag_name(f.name)} must be a finite number, got {value}")
+            bounds = _RANGES.get((section_name, f.name))
+            if bounds is None or value is None:
+                continue
+            low, high, low_in, high_in = bounds
+            if not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
+                interval = f"{'[' if low_in else '('}{low}, {'inf' if high == math.inf else high}{']' if high_in else ')'}"
+                raise ConfigError(f"{flag_name(f.name)} must be in {interval}, got {value}")
+    if cfg.rl.rollout_top_k == 0:
+        raise ConfigError("--rollout-top-k must be -1 (off) or >= 1, got 0")
 
 
 def _validate_fp8(m: ModelConfig) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+
+from megatron_a3po import checkpoint_files as files
 
 
 def export_hf(policy, hf_cfg: dict, side_files_dir: Path | None, out: Path) -> None:
@@ -13,14 +16,15 @@ def export_hf(policy, hf_cfg: dict, side_files_dir: Path | None, out: Path) -> N
     One parameter at a time: its owning stage gathers the TP shards, the pipeline group receives the full
     tensor, rank 0 writes it straight into the safetensors file (header planned up front) and drops it. Peak
     memory beyond the model is about one full tensor plus its host copy, on every rank, whatever the model size
-    (bench/bench_export_memory.py measures it). Written into a temp dir renamed into place at the end.
+    (bench/bench_export_memory.py measures it). Written into a temp dir that replaces `out` crash-safely at the end
+    (checkpoint_files.replace_dir).
     """
     from megatron_a3po import parallel
     from megatron_a3po.models import hf_mapping
     from megatron_a3po.models.hf_io import ShardedSafetensorsWriter, copy_side_files
     from megatron_a3po.models.tiny import build_tokenizer
 
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{files.TMP_PREFIX}{out.name}-{os.getpid()}")  # two exports never share a temp dir
     writer = None
     if parallel.is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -39,6 +43,5 @@ def export_hf(policy, hf_cfg: dict, side_files_dir: Path | None, out: Path) -> N
         build_tokenizer().save_pretrained(tmp)
     else:
         copy_side_files(side_files_dir, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    files.remove(files.replace_dir(tmp, out))  # a crash at any point leaves the old or the new export whole
     print(f"wrote HF checkpoint {out}", flush=True)

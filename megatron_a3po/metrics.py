@@ -211,7 +211,22 @@ class MetricsLogger:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl. A torn last line (the writer was killed mid-line) is dropped with a warning;
+    a bad line before the last is an error naming it (the file was edited or corrupted, not cut short)."""
+    import sys
+
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for n, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n < len(lines) - 1:
+                raise ValueError(f"{path}:{number}: not a JSON line ({line[:60]!r}); the file is corrupted "
+                                 "beyond a torn last line: fix or remove that line") from None
+            print(f"warning: {path}:{number}: dropped a torn last line ({len(line)} characters; the run was "
+                  "stopped while writing it)", file=sys.stderr)
+    return rows
 
 
 def plot_run(run_dir: str | Path) -> Path:

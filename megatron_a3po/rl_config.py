@@ -13,7 +13,6 @@ per PPO epoch.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -93,7 +92,7 @@ class RLConfig:
     ppo_epochs: int = 1
     train_steps: int = 20
     dynamic_sampling: bool = False  # DAPO: drop all-correct / all-wrong groups, regenerate to fill the batch
-    max_num_gen_batches: int = 4
+    max_num_gen_batches: int = 4  # at most this many generation rounds per step (>= 1)
     # data and rewards
     dataset: str = "synthetic:arithmetic:1"  # a parquet/jsonl path, or synthetic:arithmetic:LEVEL
     eval_dataset: str | None = None  # default: a held-out synthetic set of the same level
@@ -250,9 +249,10 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
     if rl.max_consecutive_nan_steps < 0:
         raise ConfigError(f"--max-consecutive-nan-steps must be >= 0 (0: never stop), "
                           f"got {rl.max_consecutive_nan_steps}")
-    if rl.max_num_gen_batches < 0:
-        raise ConfigError(f"--max-num-gen-batches must be >= 0 (rounds of generation per step with "
-                          f"--dynamic-sampling; 0: no cap), got {rl.max_num_gen_batches}")
+    if rl.max_num_gen_batches < 1:
+        raise ConfigError(f"--max-num-gen-batches must be >= 1 (rounds of generation per step with "
+                          f"--dynamic-sampling: a cap, so hard data cannot generate forever), got "
+                          f"{rl.max_num_gen_batches}")
     _validate_algorithm(rl)
 
 

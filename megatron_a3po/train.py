@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from megatron_a3po import checkpointing
+from megatron_a3po import checkpointing, guards
 from megatron_a3po import config as C
 from megatron_a3po.rl_config import resolve_algorithm
 
@@ -41,6 +41,7 @@ def validate_all(cfg, world_size: int) -> object:
     if not (cfg.model.hf_path or cfg.model.tiny_model or cfg.training.load):
         raise C.ConfigError("give a model: --load MEGATRON_CKPT (from a3po-convert), --hf-path HF_DIR, "
                             "or --tiny-model llama|qwen2|qwen3")
+    C.validate_numbers(cfg)  # first: nan / inf and out-of-range numbers pass most later comparisons unnoticed
     p, rl = cfg.parallel, cfg.rl
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     # In RL the optimizer-step batch is a PPO mini-batch (prompts x responses) and the LR schedule runs over every
@@ -134,10 +135,43 @@ def main(argv: list[str] | None = None) -> int:
               f"rollout TP={cfg.rl.rollout_tensor_parallel_size}; algorithm {cfg.rl.algorithm} -> "
               f"{resolve_algorithm(cfg.rl).describe()}")
         return 0
-    return run(cfg, arch)
+    from megatron_a3po import parallel
+
+    p = cfg.parallel
+    parallel.init_model_parallel(parallel.ParallelSizes(
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+        C.virtual_pipeline_size(cfg, arch.num_layers), p.context_parallel_size), seed=cfg.training.seed)
+    try:
+        lock = claim_run_dirs(cfg)
+    except C.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        parallel.destroy()
+        return 2
+    try:
+        return run(cfg, arch)
+    finally:
+        lock.release()
+
+
+def claim_run_dirs(cfg):
+    """Collective: rank 0 checks that a fresh run's --save / --output-dir hold no other run's files and locks
+    them (run_dir.py); every rank raises the same ConfigError when it cannot."""
+    import torch.distributed as dist
+
+    from megatron_a3po import parallel, run_dir
+
+    resuming = bool(cfg.training.load) and checkpointing.resolve_load_dir(cfg.training.load)[1]
+    lock = run_dir.RunLock([Path(d) for d in (cfg.rl.output_dir, cfg.training.save) if d])
+    problems = (run_dir.foreign_files(cfg, resuming) or lock.acquire()) if parallel.is_rank0() else []
+    box = [problems]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise C.ConfigError("; ".join(box[0]))
+    return lock
 
 
 def run(cfg, arch) -> int:
+    """The job on initialised process groups (main() took the run's directories)."""
     from transformers import AutoTokenizer
 
     from megatron_a3po import parallel
@@ -148,10 +182,6 @@ def run(cfg, arch) -> int:
     from megatron_a3po.rollout.engine import RolloutEngine
     from megatron_a3po.trainer import RLTrainer
 
-    p = cfg.parallel
-    parallel.init_model_parallel(parallel.ParallelSizes(
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-        C.virtual_pipeline_size(cfg, arch.num_layers), p.context_parallel_size), seed=cfg.training.seed)
     out = Path(cfg.rl.output_dir)
     _, hf_cfg, tok_dir = resolve_model(cfg)
     model_dir = vllm_model_dir(out, hf_cfg, tok_dir) if parallel.is_rank0() else None
@@ -164,7 +194,7 @@ def run(cfg, arch) -> int:
     train_data, eval_data, sampler = build_data(cfg, tokenizer)
 
     policy = PolicyModel(cfg, arch)
-    checkpointing.install_nonfinite_guard(policy.optimizer, policy.chunks)
+    guards.install_nonfinite_guard(policy.optimizer, policy.chunks)
     start_step, val_before, resume_dir = 1, None, None
     if cfg.training.load:
         resume_dir, resuming = checkpointing.resolve_load_dir(cfg.training.load)
@@ -191,7 +221,7 @@ def run(cfg, arch) -> int:
                            gpu_memory_utilization=cfg.rl.gpu_memory_utilization, dtype=rollout_dtype)
     logger = MetricsLogger(str(out), cfg.to_dict(), cfg.rl.wandb_project, cfg.rl.wandb_run_name)
     checkpointer = checkpointing.Checkpointer(cfg, policy, sampler, hf_cfg, model_dir)
-    guard = checkpointing.RunGuard(cfg.rl.max_consecutive_nan_steps)
+    guard = guards.RunGuard(cfg.rl.max_consecutive_nan_steps)
     guard.install_signal_handler()  # after vLLM's start-up, which installs handlers of its own
     trainer = RLTrainer(cfg, policy=policy, engine=engine, tokenizer=tokenizer, train_data=train_data,
                         eval_data=eval_data, sampler=sampler, reward_fn=get_reward_fn(cfg.rl.reward), logger=logger,

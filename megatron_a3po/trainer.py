@@ -16,7 +16,7 @@ import torch
 
 from megatron_a3po import metrics as M
 from megatron_a3po import packing, parallel, platform
-from megatron_a3po.checkpointing import injected_nan_step
+from megatron_a3po.guards import injected_nan_step
 from megatron_a3po.data import DynamicSampler
 from megatron_a3po.evaluation.runner import evaluate_items
 from megatron_a3po.experience import (LogprobSettings, algo_context, build_experience, compute_old_logprobs,
@@ -34,7 +34,7 @@ class RLTrainer:
         self.policy, self.engine, self.tokenizer = policy, engine, tokenizer
         self.train_data, self.eval_data, self.sampler, self.reward_fn = train_data, eval_data, sampler, reward_fn
         self.logger, self.start_step, self.on_step_end = logger, start_step, on_step_end
-        # checkpointing.Checkpointer / RunGuard (None: no saving / no stop conditions); val_before on resume
+        # checkpointing.Checkpointer / guards.RunGuard (None: no saving / no stop conditions); val_before on resume
         self.checkpointer, self.guard, self.val_before = checkpointer, guard, val_before
         self.stop_reason: str | None = None  # set when fit() stops early: "preempted" | "nonfinite"
         self.nan_steps = injected_nan_step() or set()  # test hook

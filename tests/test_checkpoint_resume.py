@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_a3po import checkpointing
+from megatron_a3po import checkpoint_files, checkpointing
 from megatron_a3po import config as C
 from megatron_a3po.models import megatron_ckpt, tiny
 from megatron_a3po.models.families import arch_from_hf_config
@@ -105,27 +105,33 @@ def test_exact_resume_after_sigkill(tmp_path):
                       "--save", str(ref / "ckpt"), "--save-interval", "2"], log, EMULATED, base)
     assert wait(proc, log) == 0, log.read_text()[-4000:]
 
-    # Same job, SIGKILLed (every rank and torchrun) as soon as the step-2 checkpoint is complete.
+    # Same job, killed inside its first save: rank 0 SIGKILLs itself right after renaming step_000002 into place,
+    # before `latest` exists (A3PO_TEST_KILL_AT, checkpoint_files.kill_point); then every process is killed.
     log = tmp_path / "killed.log"
     proc = start_job(["--tiny-model", "qwen3", "--train-steps", "3", "--output-dir", str(killed / "out"),
-                      "--save", str(killed / "ckpt"), "--save-interval", "2"], log, EMULATED, base)
+                      "--save", str(killed / "ckpt"), "--save-interval", "2"], log,
+                     {**EMULATED, "A3PO_TEST_KILL_AT": "after_rename"}, base)
     deadline = time.monotonic() + 400
-    while not (killed / "ckpt" / "latest").exists():
+    while not (killed / "ckpt" / "step_000002").exists():
         assert proc.poll() is None, log.read_text()[-4000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
+    time.sleep(1)
     signal_job(proc, signal.SIGKILL)
     proc.wait()
     time.sleep(1)  # the ranks, reparented, are gone too (nothing may write step 3 files now)
-    assert (killed / "ckpt" / "latest").read_text().strip() == "step_000002"
-    assert not (killed / "ckpt" / "step_000003").exists()
+    assert not (killed / "ckpt" / "latest").exists() and not (killed / "ckpt" / "step_000003").exists()
+    assert checkpoint_files.problems(killed / "ckpt" / "step_000002") == []  # complete: its manifest holds
 
-    # Resume from the --save directory (follows `latest`); the model comes from the checkpoint alone.
+    # Resume from the --save directory: no `latest`, so the newest complete checkpoint (a warning says so); the
+    # model comes from the checkpoint alone.
     log = tmp_path / "resume.log"
     proc = start_job(["--load", str(killed / "ckpt"), "--train-steps", "3", "--output-dir", str(killed / "out"),
                       "--save", str(killed / "ckpt"), "--save-interval", "2"], log, EMULATED, base)
     assert wait(proc, log) == 0, log.read_text()[-4000:]
     assert "resuming from" in log.read_text() and "at RL step 3" in log.read_text()
+    assert "has no `latest` file" in log.read_text()
+    assert "took over a stale lock" in log.read_text()  # the killed job's lock: its pid is gone
 
     expected, resumed = rows(ref / "out"), rows(killed / "out")
     assert [r["step"] for r in resumed] == [r["step"] for r in expected]  # rows after step 2 trimmed, not doubled

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from megatron_a3po.rewards import (RewardFunctionError, RewardTimeout, RewardWorkerError, WorkerPool, arithmetic_reward,
+from megatron_a3po.rewards import (RewardError, RewardFunctionError, RewardTimeout, WorkerPool, arithmetic_reward,
                                    compute_score, extract_answer, get_reward_fn, make_arithmetic_dataset,
                                    overlong_penalty, score_batch)
 from megatron_a3po.rewards import math_reward
@@ -319,8 +319,11 @@ def test_quick_path_needs_no_worker():
 
 def test_worker_startup_failure_is_clear():
     with WorkerPool(1, preload=("no_such_module_for_rewards",)) as p:
-        with pytest.raises(RewardWorkerError, match="failed to start: ModuleNotFoundError"):
+        with pytest.raises(RewardError, match="failed to start: ModuleNotFoundError.*Fix: make the module importable"):
             p.call("operator:add", [1, 2], timeout=5)
+        with pytest.raises(RewardError, match="no_such_module_for_rewards"):  # fails fast, no respawn
+            p.call("operator:add", [1, 2], timeout=5)
+        assert p.worker_pids() == [] and p.stats["restarts"] == 0
 
 
 def test_default_pool_is_shared():

@@ -30,7 +30,8 @@ INVALID_RL = [
     (["--rollout-top-p", "1.5"], 1, "--rollout-top-p and --eval-top-p must be in (0, 1]"),
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 2, "not divisible by"),
     (["--fp8-format", "hybrid", "--bf16"], 1, "--fp8-format needs Transformer Engine"),
-    (["--dynamic-sampling", "--max-num-gen-batches", "-1"], 1, "--max-num-gen-batches must be >= 0"),
+    (["--dynamic-sampling", "--max-num-gen-batches", "-1"], 1, "--max-num-gen-batches must be >= 1"),
+    (["--dynamic-sampling", "--max-num-gen-batches", "0"], 1, "--max-num-gen-batches must be >= 1"),
 ]
 
 

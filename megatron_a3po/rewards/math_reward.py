@@ -7,6 +7,10 @@ under a hard timeout (see `timeout.py`). Equivalent forms count: 1/2 = \\frac12 
 
 Rewards: 1/0, or +1/-1 with format="dapo" (DAPO-Math's convention). `overlong_penalty` is DAPO's
 soft overlong punishment, added to the reward by the caller.
+
+A timeout is the verdict on a pathological answer (wrong). A worker that crashes or a verifier that raises is
+an infrastructure failure: one item scores as wrong, but `score_batch` raises `RewardError` when more than
+`max_failure_rate` of a batch failed that way, rather than train on wrong rewards.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Sequence
 
-from megatron_a3po.rewards.timeout import (DEFAULT_TIMEOUT_S, RewardTimeout, RewardWorkerError, WorkerPool,
-                                           get_default_pool)
+from megatron_a3po.rewards.timeout import (DEFAULT_TIMEOUT_S, RewardError, RewardTimeout, RewardWorkerError,
+                                           WorkerPool, get_default_pool, import_fix)
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ Format = Literal["auto", "dapo", "boxed"]
 FORMATS = ("auto", "dapo", "boxed")
 MAX_ANSWER_CHARS = 1000  # longer "answers" are wrong without parsing (a real final answer is short)
 MAX_NESTING = 50  # brace/paren depth beyond this is wrong without parsing
+MAX_FAILURE_RATE = 0.5  # score_batch raises RewardError above this fraction of infrastructure failures
 
 _ANSWER_RE = re.compile(r"Answer\s*:[ \t]*([^\n]*)", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
@@ -175,19 +180,26 @@ def compute_score(solution: str, ground_truth: str, *, format: Format = "auto", 
     """1.0 if the final answer in `solution` equals `ground_truth` (math-verify equivalence), else 0.0.
 
     format="dapo" reads the last "Answer: X" and scores +1/-1; "boxed" reads the last \\boxed{X};
-    "auto" (default) accepts either. Timeouts, worker crashes and malformed input score as wrong.
-    Thread-safe; the verification runs in a worker process with a hard `timeout` in seconds.
+    "auto" (default) accepts either. Timeouts, worker crashes and malformed input score as wrong;
+    RewardError if the worker pool cannot start. Thread-safe; the verification runs in a worker process with
+    a hard `timeout` in seconds.
     """
+    return _score(solution, ground_truth, format, timeout, pool)[0]
+
+
+def _score(solution: str, ground_truth: str, format: Format, timeout: float,
+           pool: WorkerPool | None) -> tuple[float, str | None]:
+    """(reward, None) or (wrong, why the worker failed): the caller decides whether failures are too many."""
     correct, wrong = (1.0, -1.0) if format == "dapo" else (1.0, 0.0)
     if not isinstance(solution, str) or not isinstance(ground_truth, str):
         raise TypeError(f"compute_score expects str solution and ground_truth, got "
                         f"{type(solution).__name__} and {type(ground_truth).__name__}")
     answer = extract_answer(solution, format)
     if answer is None:
-        return wrong
+        return wrong, None
     quick = _quick_verdict(answer, ground_truth)
     if quick is not None:
-        return correct if quick else wrong
+        return (correct if quick else wrong), None
     key = (answer, ground_truth)
     with _CACHE_LOCK:
         ok = _CACHE.get(key)
@@ -199,30 +211,64 @@ def compute_score(solution: str, ground_truth: str, *, format: Format = "auto", 
             ok = False
         except RewardWorkerError as exc:  # a crashed worker: wrong, not cached (it may be transient)
             logger.warning("math verification failed (%s); scored as wrong", exc)
-            return wrong
+            return wrong, str(exc)
         with _CACHE_LOCK:
             if len(_CACHE) >= _CACHE_MAX:
                 _CACHE.clear()
             _CACHE[key] = ok
-    return correct if ok else wrong
+    return (correct if ok else wrong), None
 
 
 def score_batch(solutions: Sequence[str], ground_truths: Sequence[str], *, format: Format = "auto",
                 timeout: float = DEFAULT_TIMEOUT_S, pool: WorkerPool | None = None,
-                max_parallel: int | None = None) -> list[float]:
-    """`compute_score` over a batch, in parallel over the worker pool (order preserved)."""
+                max_parallel: int | None = None, max_failure_rate: float = MAX_FAILURE_RATE) -> list[float]:
+    """`compute_score` over a batch, in parallel over the worker pool (order preserved).
+
+    Raises RewardError if the pool cannot start, or if more than `max_failure_rate` of the items failed
+    because a worker crashed or the verifier raised (stopping early once that is certain).
+    """
     if len(solutions) != len(ground_truths):
         raise ValueError(f"score_batch got {len(solutions)} solutions but {len(ground_truths)} ground truths")
     pool = pool or get_default_pool()
     n_threads = max(1, min(max_parallel or pool.size, len(solutions)))
+    limit = max_failure_rate * len(solutions)
+    failures: list[str] = []
+    skipped = []
+    lock, abort = threading.Lock(), threading.Event()
 
     def one(pair):
-        return compute_score(pair[0], pair[1], format=format, timeout=timeout, pool=pool)
+        if abort.is_set():
+            skipped.append(1)
+            return 0.0  # never returned: the batch raises
+        try:
+            value, failure = _score(pair[0], pair[1], format, timeout, pool)
+        except BaseException:
+            abort.set()
+            raise
+        if failure is not None:
+            with lock:
+                failures.append(failure)
+                if len(failures) > limit:
+                    abort.set()
+        return value
 
     if n_threads == 1:
-        return [one(p) for p in zip(solutions, ground_truths)]
-    with ThreadPoolExecutor(n_threads, thread_name_prefix="a3po-reward") as ex:
-        return list(ex.map(one, zip(solutions, ground_truths)))
+        scores = [one(p) for p in zip(solutions, ground_truths)]
+    else:
+        with ThreadPoolExecutor(n_threads, thread_name_prefix="a3po-reward") as ex:
+            scores = list(ex.map(one, zip(solutions, ground_truths)))
+    if len(failures) > limit:
+        fix = import_fix(failures[0]) or ("read the worker's error above in the log (a worker killed by SIGKILL "
+                                          "ran out of memory: WorkerPool memory_limit_mb)")
+        count = f"{'at least ' if skipped else ''}{len(failures)} of {len(solutions)}"
+        raise RewardError(
+            f"{count} rewards in this batch could not be computed (limit {max_failure_rate:.0%}) because the reward "
+            f"workers are failing, e.g. {failures[0]} (pool stats {pool.stats}); they would score as wrong answers, "
+            f"so the batch is refused. Fix: {fix}; check the setup with megatron_a3po.rewards.check_reward_fn")
+    if failures:
+        logger.warning("%d of %d rewards in this batch scored as wrong because a reward worker failed",
+                       len(failures), len(solutions))
+    return scores
 
 
 def overlong_penalty(response_length: int, max_response_length: int, overlong_buffer_len: int,

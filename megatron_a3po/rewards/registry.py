@@ -4,6 +4,9 @@ Every reward is `fn(solution: str, ground_truth: str) -> float`, wrapped in a `R
 offers `.batch(solutions, ground_truths)`. A custom "module:function" is imported here first (so a typo fails
 at startup, not at the first rollout) and then runs in a reward worker process under the same hard timeout as
 math verification; a timeout scores `timeout_reward` (default 0.0), an exception inside it is raised loudly.
+
+`check_reward_fn(name)` is the trainer's pre-flight: it builds the reward and scores one example in the real
+worker pool, raising `RewardError` with the cause and the fix if it cannot.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ from typing import Callable, Sequence
 
 from megatron_a3po.rewards import math_reward
 from megatron_a3po.rewards.synthetic import arithmetic_reward
-from megatron_a3po.rewards.timeout import DEFAULT_TIMEOUT_S, RewardTimeout, WorkerPool, get_default_pool
+from megatron_a3po.rewards.timeout import (DEFAULT_TIMEOUT_S, RewardError, RewardFunctionError, RewardTimeout,
+                                           RewardWorkerError, WorkerPool, get_default_pool, import_fix)
 
 BUILTIN = ("math", "math_dapo", "math_boxed", "arithmetic")
+MATH_FORMATS = {"math": "auto", "math_dapo": "dapo", "math_boxed": "boxed"}
+CHECK_TIMEOUT_S = 30.0  # generous: the first verification in a fresh worker also loads the LaTeX grammar
 
 
 class RewardFunction:
     """Callable `(solution, ground_truth) -> float` plus `batch(...) -> list[float]`."""
 
-    def __init__(self, name: str, fn: Callable[[str, str], float], parallel: bool):
-        self.name, self._fn, self._parallel = name, fn, parallel
+    def __init__(self, name: str, fn: Callable[[str, str], float], parallel: bool,
+                 batch_fn: Callable[..., list[float]] | None = None):
+        self.name, self._fn, self._parallel, self._batch_fn = name, fn, parallel, batch_fn
 
     def __call__(self, solution: str, ground_truth: str) -> float:
         value = self._fn(solution, ground_truth)
@@ -36,6 +43,8 @@ class RewardFunction:
     def batch(self, solutions: Sequence[str], ground_truths: Sequence[str], max_parallel: int = 4) -> list[float]:
         if len(solutions) != len(ground_truths):
             raise ValueError(f"{len(solutions)} solutions but {len(ground_truths)} ground truths")
+        if self._batch_fn is not None:  # math: counts worker failures and raises RewardError past the limit
+            return self._batch_fn(solutions, ground_truths, max_parallel=max_parallel)
         if not self._parallel or len(solutions) <= 1 or max_parallel <= 1:
             return [self(s, g) for s, g in zip(solutions, ground_truths)]
         with ThreadPoolExecutor(min(max_parallel, len(solutions)), thread_name_prefix="a3po-reward") as ex:
@@ -58,13 +67,17 @@ def get_reward_fn(name_or_path: str, *, timeout: float = DEFAULT_TIMEOUT_S, pool
     timeout applies to the math rewards and to custom functions run in a worker (in_worker=True);
     in_worker=False calls a custom function directly in this process (no timeout: only for trusted, fast code).
     """
-    if name_or_path in ("math", "math_dapo", "math_boxed"):
-        fmt = {"math": "auto", "math_dapo": "dapo", "math_boxed": "boxed"}[name_or_path]
+    if name_or_path in MATH_FORMATS:
+        fmt = MATH_FORMATS[name_or_path]
 
         def score(solution: str, ground_truth: str) -> float:
             return math_reward.compute_score(solution, ground_truth, format=fmt, timeout=timeout, pool=pool)
 
-        return RewardFunction(name_or_path, score, parallel=True)
+        def batch(solutions: Sequence[str], ground_truths: Sequence[str], max_parallel: int) -> list[float]:
+            return math_reward.score_batch(solutions, ground_truths, format=fmt, timeout=timeout, pool=pool,
+                                           max_parallel=max_parallel)
+
+        return RewardFunction(name_or_path, score, parallel=True, batch_fn=batch)
     if name_or_path == "arithmetic":
         return RewardFunction(name_or_path, arithmetic_reward, parallel=False)
     if ":" not in name_or_path:
@@ -80,3 +93,49 @@ def get_reward_fn(name_or_path: str, *, timeout: float = DEFAULT_TIMEOUT_S, pool
             return timeout_reward
 
     return RewardFunction(name_or_path, remote, parallel=True)
+
+
+def check_reward_fn(name: str, *, example: tuple[str, str] | None = None, timeout: float = CHECK_TIMEOUT_S,
+                    pool: WorkerPool | None = None) -> None:
+    """Pre-flight: build reward `name` and score one example in the real worker pool; RewardError if it cannot.
+
+    Math rewards must judge "\\frac{1}{2}" equal to "0.5" through math-verify in a worker (catches math-verify
+    missing or without its LaTeX parser); a custom "module:function" must return a finite number for `example`
+    (default ("1", "1")) in a worker. Starts the pool's workers as a side effect (paying their imports up front).
+    """
+    try:
+        fn = get_reward_fn(name, timeout=timeout, pool=pool)
+    except RewardError:
+        raise
+    except ValueError as exc:  # unknown name, or the module does not import in the trainer
+        raise RewardError(f"reward {name!r} cannot be built: {exc}") from exc
+    if name == "arithmetic":
+        if fn("7", "7") != 1.0:
+            raise RewardError("the arithmetic reward scored '7' vs '7' as wrong; fix megatron_a3po.rewards.synthetic")
+        return
+    pool = (pool or get_default_pool()).start()
+    if name in MATH_FORMATS:
+        target, args = f"{math_reward.__name__}:verify_equivalent", ["\\frac{1}{2}", "0.5"]
+    else:
+        target, args = name, list(example or ("1", "1"))
+    what = f"reward {name!r}: {target}{tuple(args)} in a reward worker"
+    try:
+        result = pool.call(target, args, timeout)
+    except RewardTimeout as exc:
+        raise RewardError(f"{what} did not finish within {timeout:g} s; the machine is overloaded or the function "
+                          "hangs. Fix: free CPUs for the reward workers, or make the function faster") from exc
+    except RewardWorkerError as exc:  # includes RewardFunctionError: the function raised
+        fix = import_fix(str(exc)) or "read the worker's error above in the log"
+        raise RewardError(f"{what} failed: {exc}. Fix: {fix}") from exc
+    if name in MATH_FORMATS:
+        if result is not True:
+            raise RewardError(f"{what} returned {result!r}, not True: math-verify cannot parse LaTeX here (its "
+                              "antlr4 runtime is missing or the wrong version). Fix: `pip install "
+                              "'math-verify[antlr4_13_2]'`, or `uv sync`")
+        score = fn.batch(["Answer: \\boxed{\\frac{1}{2}}"], ["0.5"])[0]
+        if score != 1.0:
+            raise RewardError(f"reward {name!r} scored a correct answer as {score}; a bug in "
+                              "megatron_a3po.rewards.math_reward")
+    elif not isinstance(result, (int, float)) or not math.isfinite(result):  # bool is fine (an int)
+        raise RewardError(f"{what} returned {result!r}; a reward function must return a finite float. "
+                          "Fix the function")

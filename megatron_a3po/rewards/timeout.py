@@ -10,7 +10,11 @@ sympy) ignores signals anyway. So every verification runs in a separate worker p
   work and the worker survives; if the worker still has not answered at the hard deadline it is SIGKILLed,
   reaped (no zombie) and replaced in the background;
 * the pool is thread-safe: each worker serves one caller at a time, callers wait for a free worker;
-* a worker exits when its stdin closes, so it never outlives the trainer; it ignores SIGINT.
+* a worker exits when its stdin closes, so it never outlives the trainer. It ignores SIGTERM and SIGINT
+  (blocked from its first instant, before Python starts): SLURM and Ctrl-C signal every process of the job, and
+  a worker dying then would score its items as wrong; the trainer decides when to stop and closes the pool;
+* a worker that cannot start (an import error) makes the pool fail with `RewardError`, not score everything
+  as wrong.
 
 Only functions named "module:function" are run, with JSON arguments: model text is data, never code.
 """
@@ -30,6 +34,11 @@ from typing import Any, Sequence
 
 DEFAULT_TIMEOUT_S = 5.0
 _WORKER_CMD = "import megatron_a3po.rewards.timeout as t; t._worker_main()"
+_IGNORED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class RewardError(ValueError):
+    """Rewards cannot be trusted (worker pool cannot start, too many worker failures): stop, do not train on them."""
 
 
 class RewardTimeout(Exception):
@@ -48,6 +57,29 @@ class RewardFunctionError(RewardWorkerError):
     """The called function raised inside the worker (the worker itself is fine); carries the remote error."""
 
 
+def import_fix(error: str) -> str | None:
+    """The fix for a worker-side import error message, or None if it is not one."""
+    if any(name in error for name in ("math_verify", "latex2sympy", "antlr4")):
+        return "install math-verify in the trainer's Python environment (`uv sync` or `pip install math-verify`)"
+    if "ImportError" in error or "ModuleNotFoundError" in error:
+        return "make the module importable in the trainer's environment (the workers use its sys.path)"
+    return None
+
+
+def _exit_reason(proc: subprocess.Popen) -> str:
+    try:
+        code = proc.wait(timeout=1.0)  # EOF comes just before the exit: let the code arrive
+    except subprocess.TimeoutExpired:
+        return "closed its output"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+
+
 class _Worker:
     def __init__(self, preload: Sequence[str], memory_limit_mb: int | None, soft_fraction: float):
         env = dict(os.environ)
@@ -56,8 +88,14 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         env["A3PO_REWARD_PRELOAD"] = ",".join(preload)
         env["A3PO_REWARD_MEMORY_MB"] = str(memory_limit_mb or 0)
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CMD], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, close_fds=True)
+        # Spawned with SIGTERM/SIGINT blocked (the mask survives exec) so there is no window, during
+        # interpreter start-up, in which a job-wide signal kills it; the worker ignores them, then unblocks.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _IGNORED_SIGNALS)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CMD], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env=env, close_fds=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.ready = False
         self._buf = b""
         self._sent_path = list(sys.path)
@@ -78,7 +116,7 @@ class _Worker:
                 return None
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                raise RewardWorkerError(f"reward worker pid {self.pid} exited (code {self.proc.poll()})")
+                raise RewardWorkerError(f"reward worker pid {self.pid} {_exit_reason(self.proc)}")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line
@@ -92,7 +130,9 @@ class _Worker:
                                     "(importing math-verify on a loaded machine?); raise startup_timeout")
         msg = json.loads(line)
         if "error" in msg:
-            raise RewardWorkerError(f"reward worker failed to start: {msg['error']}")
+            fix = import_fix(msg["error"]) or "see the worker's traceback above in the log"
+            raise RewardError(f"reward worker failed to start: {msg['error']}. Fix: {fix}; "
+                              "until then no reward can be scored")
         self.ready = True
 
     def request(self, target: str, args: Sequence[Any], timeout: float) -> Any:
@@ -154,6 +194,7 @@ class WorkerPool:
         self._idle: list[_Worker] = []
         self._alive = 0
         self._closed = False
+        self.failed: str | None = None  # why workers cannot start; then every call raises RewardError
         self.owner_pid = os.getpid()
         self.stats = {"calls": 0, "soft_timeouts": 0, "hard_timeouts": 0, "crashes": 0, "restarts": 0}
 
@@ -175,6 +216,8 @@ class WorkerPool:
             while True:
                 if self._closed:
                     raise RewardWorkerError("reward worker pool is closed")
+                if self.failed:  # an import error does not fix itself: fail fast, do not respawn
+                    raise RewardError(self.failed)
                 if self._idle:
                     # Prefer a worker that has already finished starting.
                     for i, w in enumerate(self._idle):
@@ -187,10 +230,12 @@ class WorkerPool:
                 self._cond.wait()
         try:
             return _Worker(self.preload, self.memory_limit_mb, self.soft_fraction)
-        except BaseException:
+        except BaseException as exc:
             with self._cond:
                 self._alive -= 1
                 self._cond.notify()
+            if isinstance(exc, OSError):  # out of processes/file descriptors: an infrastructure failure
+                raise RewardWorkerError(f"cannot start a reward worker: {exc}") from exc
             raise
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
@@ -199,7 +244,7 @@ class WorkerPool:
             return
         worker.kill()
         replacement = None
-        if not self._closed:
+        if not self._closed and not self.failed:
             try:  # start the replacement now so its imports run while nobody waits
                 replacement = _Worker(self.preload, self.memory_limit_mb, self.soft_fraction)
             except OSError:
@@ -238,6 +283,10 @@ class WorkerPool:
             raise
         except RewardFunctionError:
             healthy = True
+            raise
+        except RewardError as exc:
+            with self._cond:
+                self.failed = str(exc)
             raise
         except RewardWorkerError:
             with self._cond:
@@ -313,7 +362,10 @@ def _resolve(target: str, cache: dict):
 
 
 def _worker_main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Only the trainer stops workers (stdin EOF, or SIGKILL): ignore the job-wide signals, then unblock them.
+    for sig in _IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _IGNORED_SIGNALS)
     # The protocol owns the real stdout; anything the called code prints goes to stderr.
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
