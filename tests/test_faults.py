@@ -297,3 +297,22 @@ def test_baseline_overlays_get_their_own_directories():
     assert a3po.training.save == "/ckpt/runs/qwen3-8b-base_a3po" and dapo.training.save == "/ckpt/runs/qwen3-8b-base_dapo"
     assert (a3po.rl.output_dir, dapo.rl.output_dir) == ("runs/qwen3-8b-base_a3po", "runs/qwen3-8b-base_dapo")
     assert (a3po.rl.wandb_run_name, dapo.rl.wandb_run_name) == ("qwen3-8b-base_a3po", "qwen3-8b-base_dapo")
+
+
+def test_retention_keeps_the_newest_every_interval_and_latest(tmp_path):
+    """--keep-last-checkpoints 2 --keep-checkpoint-interval 4 over steps 1..9: 8, 9 (newest), 4, 8 (interval);
+    removal deletes the marker first, so a removal killed halfway never leaves a dir that passes for complete."""
+    from megatron_a3po import checkpoint_files as files
+
+    save_dir = tmp_path / "ckpt"
+    assert _save(save_dir, 1, 9, "a") == 0  # the saver keeps 2, no interval: 8 and 9 remain
+    assert sorted(files.committed_steps(save_dir)) == [8, 9]
+    for step in range(1, 8):
+        (save_dir / files.step_dir_name(step)).mkdir()
+        (save_dir / files.step_dir_name(step) / files.MARKER).write_text("{}")
+    removed = files.retain(save_dir, keep_last=2, keep_interval=4)
+    assert sorted(files.committed_steps(save_dir)) == [4, 8, 9] and len(removed) == 6
+    assert files.retain(save_dir, keep_last=0, keep_interval=0) == []  # 0: keep everything
+    half_removed = save_dir / files.step_dir_name(4)
+    (half_removed / files.MARKER).unlink()  # what remove() does first
+    assert files.find_resumable(save_dir)[0].name == "step_000009" and files.problems(half_removed)
