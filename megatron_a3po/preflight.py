@@ -5,6 +5,8 @@ building on every node; a full /dev/shm or an unwritable --save dir can even sur
 first checkpoint). These checks take seconds and name the problem and the fix:
   - the training flags parse and validate for the whole job's world size (config files, --hf-path, --load,
     datasets, TP/PP against the model, batch divisibility: the same validation the ranks run);
+  - the reward function imports and scores one example in its worker pool (math-verify installed, a
+    module:function reward found);
   - --save and --output-dir are writable (checked by writing a probe file);
   - /dev/shm is large enough (NCCL and vLLM use it; Docker's default is 64 MiB);
   - MASTER_ADDR resolves, and on node 0 MASTER_PORT is free;
@@ -62,6 +64,13 @@ def _check_config(argv: list[str], world: int) -> list[str]:
         validate_all(cfg, world)
     except (C.ConfigError, ValueError, FileNotFoundError) as err:
         problems.append(f"{err} (validated for the job's world size {world})")
+    else:
+        from megatron_a3po.rewards import RewardError, check_reward_fn
+
+        try:  # the reward imports and scores one example in its worker pool (math-verify installed, hook found)
+            check_reward_fn(cfg.rl.reward)
+        except RewardError as err:
+            problems.append(f"--reward {cfg.rl.reward}: {err}")
     for flag, path in (("--save", save), ("--output-dir", out)):
         if path:
             problem = _writable(Path(path))

@@ -44,8 +44,19 @@ def _groups_body(hf_dir):
     greedy = engine.generate(PROMPTS, SamplingConfig(n=1, temperature=0.0, max_new_tokens=GREEDY_NEW), pad_id=0)
     # The same prompt 4 times: each group gets 2 copies in one vLLM call.
     duplicates = engine.generate([[3, 20, 21]] * 4, SamplingConfig(n=2, max_new_tokens=8, seed=5), pad_id=0)
-    return dict(group=engine.group, calls=calls, sampled=vars(sampled), greedy=vars(greedy), scored=scored,
-                duplicates=duplicates.responses)
+
+    def failing_on_rank_1(prompt_indices, responses):  # e.g. its reward workers cannot start
+        if engine.group == 1:
+            raise RuntimeError("reward worker failed to start")
+        return [0.0] * len(responses)
+
+    try:  # every rank must raise (before: rank 0 waited for rank 1 in the gather until the timeout)
+        engine.generate(PROMPTS, SamplingConfig(n=1, max_new_tokens=2, seed=3), pad_id=0, score=failing_on_rank_1)
+        failure = None
+    except Exception as err:  # noqa: BLE001
+        failure = f"{type(err).__name__}: {err}"
+    return dict(group=engine.group, calls=calls[:3], sampled=vars(sampled), greedy=vars(greedy), scored=scored,
+                duplicates=duplicates.responses, failure=failure)
 
 
 def _hf_model(hf_dir):
@@ -89,6 +100,10 @@ def test_two_rollout_groups_split_gather_and_match_hf(groups_run):
     assert torch.equal(results[0]["sampled"]["rewards"], expected)
     assert torch.equal(results[1]["sampled"]["rewards"], expected)
     assert results[0]["greedy"]["rewards"] is None  # no score callable: no rewards
+    # A scoring failure on one rank stops every rank with the same error (no rank left in the gather).
+    assert results[0]["failure"] == results[1]["failure"] == (
+        "RewardError: reward scoring failed, so this step's rewards cannot be trusted: rank 1: RuntimeError: "
+        "reward worker failed to start")
 
     # Both ranks hold the same gathered batch.
     for key in ("tokens", "response_mask", "rollout_logprobs", "truncated", "responses"):

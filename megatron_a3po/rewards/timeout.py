@@ -201,6 +201,8 @@ class WorkerPool:
     def start(self) -> "WorkerPool":
         """Spawn all workers now so their imports overlap (otherwise they start on first use)."""
         with self._cond:
+            if self.failed:
+                raise RewardError(self.failed)
             n = self.size - self._alive
             self._alive += n
         self._idle_extend([_Worker(self.preload, self.memory_limit_mb, self.soft_fraction) for _ in range(n)])

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_a3po import platform
 from megatron_a3po.metrics import progress_enabled
+from megatron_a3po.rewards.timeout import RewardError
 from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
 
 
@@ -93,19 +94,27 @@ class RolloutEngine:
                                         use_tqdm=progress_enabled()) if share else []
         local = [_unpack(out) for out in outputs]
         scored: list[tuple[int, int, float]] = []  # (prompt, sample, reward) this rank scored
+        failure = None  # a rank whose scoring fails tells the others through the gather: all stop together
         if score is not None:
             rows = [(i, k) for i, result in zip(share, local) for k in range(len(result[0]))]
             mine = rows[dist.get_rank() % self.rollout_tp::self.rollout_tp]  # this rank's part of its group's share
             responses = dict(zip(share, (result[0] for result in local)))
-            rewards = score([i for i, _ in mine], [responses[i][k] for i, k in mine]) if mine else []
-            if len(rewards) != len(mine):
-                raise RuntimeError(f"the reward function returned {len(rewards)} rewards for {len(mine)} responses")
-            scored = [(i, k, float(r)) for (i, k), r in zip(mine, rewards)]
+            try:
+                rewards = score([i for i, _ in mine], [responses[i][k] for i, k in mine]) if mine else []
+                if len(rewards) != len(mine):
+                    raise RewardError(f"the reward function returned {len(rewards)} rewards for {len(mine)} "
+                                      "responses")
+                scored = [(i, k, float(r)) for (i, k), r in zip(mine, rewards)]
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                failure = f"rank {dist.get_rank()}: {type(err).__name__}: {err}"
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.group, share, local, scored))
+        dist.all_gather_object(gathered, (self.group, share, local, scored, failure))
+        failures = [entry[4] for entry in gathered if entry[4]]
+        if failures:
+            raise RewardError(f"reward scoring failed, so this step's rewards cannot be trusted: {failures[0]}")
         per_prompt: dict[int, tuple] = {}
         rewards_of: dict[tuple[int, int], float] = {}
-        for group, indices, results, group_scores in gathered:
+        for group, indices, results, group_scores, _ in gathered:
             for i, res in zip(indices, results):
                 per_prompt[i] = res
             rewards_of.update({(i, k): r for i, k, r in group_scores})
