@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--code-timeout", type=float, default=10.0, help="wall seconds per test run")
     p.add_argument("--code-memory-mb", type=int, default=1024)
     p.add_argument("--code-parallel", type=int, default=2, help="sandboxes running at once")
+    p.add_argument("--allow-weak-sandbox", action="store_true",
+                   help="run code benchmarks even where the kernel gives no filesystem confinement or network "
+                        "isolation (recorded in the results; docs/evaluation.md)")
     p.add_argument("--cpu-kv-cache-gb", type=int, default=4)
     p.add_argument("--output", required=True, help="results JSON (summary, per-item scores, samples)")
     p.add_argument("--no-progress", action="store_true")
@@ -59,47 +62,56 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
               "launch with --nproc-per-node equal to the TP size (or let `a3po eval` launch itself)", file=sys.stderr)
         return 2
     from megatron_a3po.data import DatasetError
+    from megatron_a3po.evaluation.sandbox import SandboxUnavailable
 
     try:
         return _run(args)
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, ValueError, FileNotFoundError, SandboxUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def _run(args) -> int:
-    from transformers import AutoTokenizer
-
-    from megatron_a3po import parallel
-    from megatron_a3po.data import tokenize_prompt
     from megatron_a3po.evaluation.benchmarks import load_benchmark, parse_spec
-    from megatron_a3po.evaluation.metrics import macro_average
-    from megatron_a3po.evaluation.report import markdown_table, write_json
-    from megatron_a3po.evaluation.runner import run_benchmark
-    from megatron_a3po.evaluation.sandbox import SandboxLimits, isolation_report
-    from megatron_a3po.rollout.engine import RolloutEngine
-    from megatron_a3po.rollout.sampling import SamplingConfig
+    from megatron_a3po.evaluation.sandbox import SandboxLimits, describe, require_confinement
 
     if args.no_progress:
         os.environ["A3PO_PROGRESS"] = "0"  # every bar: scoring, and vLLM's generation (metrics.progress_enabled)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model} has no config.json; pass a Hugging Face checkpoint directory")
-    sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_new_tokens=args.max_new_tokens, seed=args.seed)
-    sampling.validate(prefix="")
-    limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory_mb)
+    limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory_mb,
+                           allow_weak=args.allow_weak_sandbox)
     limits.validate()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    raw = args.prompt_format == "raw" or (args.prompt_format == "auto" and not getattr(tokenizer, "chat_template", None))
     benches = []
     for spec in args.benchmark:
         name, path, kind = parse_spec(spec)
         if any(b.name == name for b in benches):
             raise ValueError(f"benchmark name {name!r} given twice; names key the results")
-        bench = load_benchmark(name, path, kind, seed=args.seed, skip_bad_rows=args.skip_bad_rows, limit=args.limit)
+        benches.append(load_benchmark(name, path, kind, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
+                                      limit=args.limit))
+    sandbox = None
+    if any(b.kind == "code" for b in benches):  # refuse before loading the model, not after generating
+        sandbox = require_confinement(args.allow_weak_sandbox)
+        print(f"[eval] {describe(sandbox)}", file=sys.stderr, flush=True)
+
+    from transformers import AutoTokenizer
+
+    from megatron_a3po import parallel
+    from megatron_a3po.data import tokenize_prompt
+    from megatron_a3po.evaluation.metrics import macro_average
+    from megatron_a3po.evaluation.report import markdown_table, write_json
+    from megatron_a3po.evaluation.runner import run_benchmark
+    from megatron_a3po.rollout.engine import RolloutEngine
+    from megatron_a3po.rollout.sampling import SamplingConfig
+
+    sampling = SamplingConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling.validate(prefix="")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    raw = args.prompt_format == "raw" or (args.prompt_format == "auto" and not getattr(tokenizer, "chat_template", None))
+    for bench in benches:
         for item in bench.items:
             item.prompt_ids = tokenize_prompt(tokenizer, item.prompt, raw_prompt=raw)
-        benches.append(bench)
     longest = max(len(it.prompt_ids) for b in benches for it in b.items)
     max_model_len = args.max_model_len or longest + args.max_new_tokens
     if longest + args.max_new_tokens > max_model_len:
@@ -126,9 +138,11 @@ def _run(args) -> int:
             average = macro_average(summaries)
             write_json(args.output, {
                 "model": os.path.abspath(args.model), "sampling": vars(sampling), "average": average,
-                "benchmarks": results, "sandbox": isolation_report() if any(b.kind == "code" for b in benches) else None,
+                "benchmarks": results, "sandbox": sandbox,
             })
             print(markdown_table(summaries, average))
+            if sandbox:
+                print(f"\n{describe(sandbox)}")
             print(f"results: {args.output}", file=sys.stderr)
     finally:
         parallel.destroy()
