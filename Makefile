@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV_STAMP := .venv/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo setup clean docker-check docker-requirements
+.PHONY: test demo faults setup clean docker-check docker-requirements
 
 $(VENV_STAMP): pyproject.toml uv.lock launch/setup_env.sh
 	bash launch/setup_env.sh
@@ -19,6 +19,11 @@ test: $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
 	bash launch/demo.sh
+
+# The training fault battery: a real 2-rank job SIGKILLed at 10 random moments, each resumed and compared bitwise
+# with an uninterrupted run (~2-3 minutes per point on 2 cores; the save protocol's kill points are in make test).
+faults: $(VENV_STAMP)
+	.venv/bin/python tests/fault_battery_training.py 10
 
 # The Docker image's GPU dependency set (launch/docker/requirements-gpu.txt, from uv.lock) is current and resolves
 # for Python 3.12 on x86_64 Linux from wheels: metadata only, no Docker needed.
