@@ -31,10 +31,19 @@ JOB = [*TINY_RUN, "--tiny-model", "qwen2", "--train-steps", "3", "--save-interva
 ENV = {"A3PO_PROGRESS": "0", "PYTHONPATH": str(Path(__file__).resolve().parent)}
 
 
-def run(out: Path, ckpt: Path, log: Path, extra: list[str] = (), kill_after: float | None = None) -> int | None:
+def run(out: Path, ckpt: Path, log: Path, extra: list[str] = (), kill_after: float | None = None,
+        events: dict | None = None) -> int | None:
+    """Run the job to its end, or SIGKILL everything after `kill_after` s. `events` records when each
+    checkpoint's temp dir and final dir first appeared (seconds from the start)."""
     proc = start_job([*extra, "--output-dir", str(out), "--save", str(ckpt)], log, ENV, JOB)
     if kill_after is None:
-        return wait(proc, log, timeout=900)
+        start = time.monotonic()
+        while proc.poll() is None and time.monotonic() - start < 900:
+            if events is not None and ckpt.is_dir():
+                for path in ckpt.glob("*step_*"):
+                    events.setdefault(path.name, time.monotonic() - start)
+            time.sleep(0.05)
+        return wait(proc, log, timeout=1)
     deadline = time.monotonic() + kill_after
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -66,14 +75,18 @@ def compare(ref: Path, got: Path, tmp: Path) -> list[str]:
 def main(points: int = 10, seed: int = 0) -> int:
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix="a3po-faults-"))
-    start = time.monotonic()
-    assert run(root / "ref" / "out", root / "ref" / "ckpt", root / "ref.log") == 0, (root / "ref.log").read_text()[-3000:]
-    duration = time.monotonic() - start
-    print(f"reference run: {duration:.0f} s", flush=True)
+    events: dict[str, float] = {}
+    assert run(root / "ref" / "out", root / "ref" / "ckpt", root / "ref.log", events=events) == 0, \
+        (root / "ref.log").read_text()[-3000:]
+    # kill anywhere from just before the first save to just after the last: step 1's save, steps 2 and 3 (rollouts,
+    # updates) and their saves
+    window = (events[".tmp_step_000001"] - 2.0, events["step_000003"] + 0.5)
+    print(f"reference run: checkpoints at {sorted(events.items(), key=lambda e: e[1])}; kill window {window}",
+          flush=True)
     lost = 0
     for k in range(points):
         case = root / f"kill{k}"
-        delay = rng.uniform(0.35, 0.97) * duration  # past start-up: rollouts, updates, saves
+        delay = rng.uniform(*window)
         run(case / "out", case / "ckpt", root / f"kill{k}.log", kill_after=delay)
         leftovers = [p for p in (case / "ckpt").glob("*step_*") if (p / checkpoint_files.MARKER).exists()
                      and checkpoint_files.problems(p)]

@@ -141,16 +141,20 @@ def test_runaway_programs_are_killed(name, code, isolation):
     assert score_code(_respond(code), _item(), RUNAWAY) == 0.0
 
 
-# ---- escapes: each is refused or contained at every level -----------------------------------------------------------
-
-ESCAPES = r"""
-import os
+# Prelude of the probe programs below: try one thing, print whether it went through.
+ATTEMPT = r"""
 def attempt(name, f):
     try:
         f()
         print(name, "done")
     except BaseException as e:
         print(name, "blocked", type(e).__name__)
+"""
+
+# ---- escapes: each is refused or contained at every level -----------------------------------------------------------
+
+ESCAPES = ATTEMPT + r"""
+import os
 open("own", "w").write("mine")
 attempt("rename", lambda: os.rename("own", OUT + "/renamed"))
 open("own2", "w").write("mine")
@@ -339,14 +343,8 @@ def test_no_process_survives(program, mode):
 
 # ---- the audit-hook layer cannot be switched off from Python ------------------------------------------------------
 
-TAMPER = r"""
+TAMPER = ATTEMPT + r"""
 import builtins, os, os.path, gc, sys
-def attempt(name, f):
-    try:
-        f()
-        print(name, "done")
-    except BaseException as e:
-        print(name, "blocked", type(e).__name__)
 os.path.realpath = lambda p, **k: os.getcwd() + "/x"  # the hook must not trust os.path
 builtins.any = lambda it: True
 os.stat_result.st_mode = property(lambda s: 0o100644)  # nor os.stat_result's fields
