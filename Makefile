@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV_STAMP := .venv/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo faults setup clean docker-check docker-requirements
+.PHONY: test test-fast demo faults setup clean docker-check docker-requirements
 
 $(VENV_STAMP): pyproject.toml uv.lock launch/setup_env.sh
 	bash launch/setup_env.sh
@@ -16,6 +16,10 @@ setup: $(VENV_STAMP)
 PYTEST_WORKERS ?= 2
 test: $(VENV_STAMP)
 	.venv/bin/python -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+# The unit tests only (no multi-rank jobs: tests/conftest.py marks them), for a quick check while editing.
+test-fast: $(VENV_STAMP)
+	.venv/bin/python -m pytest tests -m "not distributed" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(VENV_STAMP)
 	bash launch/demo.sh

@@ -144,10 +144,12 @@ def check_resume(cfg, ckpt_dir: Path, state: dict, requested_arch=None) -> list[
 
 
 # What makes a run the experiment it is: changing these on resume is an error unless --allow-config-change.
-_RUN_DEFINING = {"model": ("bf16", "fp16", "fp8_format", "fp8_recipe"), "rl": ("algorithm", "advantage_estimator", "token_shaper", "policy_loss",
-                                       "loss_agg_mode", "clip_ratio_low", "clip_ratio_high", "dual_clip_c",
-                                       "entropy_coef", "kl_coef", "kl_type", "rollout_correction",
-                                       "use_rollout_logprobs", "reward", "dataset")}
+_RUN_DEFINING = {
+    "model": ("bf16", "fp16", "fp8_format", "fp8_recipe"),
+    "rl": ("algorithm", "advantage_estimator", "token_shaper", "policy_loss", "loss_agg_mode", "clip_ratio_low",
+           "clip_ratio_high", "dual_clip_c", "entropy_coef", "kl_coef", "kl_type", "rollout_correction",
+           "use_rollout_logprobs", "reward", "dataset"),
+}
 
 
 def _defines_the_run(section: str, key: str) -> bool:
@@ -177,7 +179,8 @@ def rng_state() -> dict:
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch": torch.get_rng_state(),
-            "tracker": {name: state.cpu() for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
+            "tracker": {name: state.cpu()
+                        for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()}}
 
 
 def set_rng_state(state: dict) -> None:

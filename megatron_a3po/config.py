@@ -65,7 +65,7 @@ class TrainingConfig:
     seed: int = 1234
     train_iters: int = 3
     load: str | None = None
-    ref_load: str | None = None  # the reference policy (--kl-coef > 0): HF dir or converted checkpoint; default: the start
+    ref_load: str | None = None  # KL reference (--kl-coef > 0): HF dir or converted checkpoint; default: the start
     save: str | None = None
     save_interval: int = 0
     keep_last_checkpoints: int = 0  # retention: keep the newest K step checkpoints (0: keep all)
@@ -296,7 +296,8 @@ def validate_numbers(cfg: Config) -> None:
                 continue
             low, high, low_in, high_in = bounds
             if not ((low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
-                interval = f"{'[' if low_in else '('}{low}, {'inf' if high == math.inf else high}{']' if high_in else ')'}"
+                upper = "inf" if high == math.inf else high
+                interval = f"{'[' if low_in else '('}{low}, {upper}{']' if high_in else ')'}"
                 raise ConfigError(f"{flag_name(f.name)} must be in {interval}, got {value}")
     if cfg.rl.rollout_top_k == 0:
         raise ConfigError("--rollout-top-k must be -1 (off) or >= 1, got 0")
