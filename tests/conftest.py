@@ -13,9 +13,13 @@ MULTI_PROCESS_MODULES = [
     "test_guards.py", "test_checkpoint_resume.py", "test_train_layouts.py", "test_paper_configs.py",
     "test_eval_cli.py", "test_parallel_parity.py", "test_launch_multinode.py", "test_convert.py",
     "test_rollout_groups.py", "test_packing.py", "test_rollout_refit.py", "test_optimizer_dp.py",
-    "test_cuda_emulation.py", "test_platform.py", "test_faults.py", "test_config.py", "test_algorithms_aggregation.py",
+    "test_cuda_emulation.py", "test_platform.py", "test_config.py", "test_algorithms_aggregation.py",
     "test_logprobs.py",
 ]
+
+
+# test_faults also starts processes (a 2-rank spawn, killed savers) but balances the workers best scheduled late.
+DISTRIBUTED = set(MULTI_PROCESS_MODULES) | {"test_faults.py"}
 
 
 def pytest_configure(config):
@@ -27,4 +31,4 @@ def pytest_collection_modifyitems(config, items):
     order = {name: i for i, name in enumerate(MULTI_PROCESS_MODULES)}
     items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: order within a module kept
     for item in items:
-        item.add_marker("distributed" if item.path.name in order else "unit")
+        item.add_marker("distributed" if item.path.name in DISTRIBUTED else "unit")
