@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import resource
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-
-class ConvertError(Exception):
-    """A refused input: the message names the problem and the fix. The CLI prints it and exits 1."""
+from megatron_a3po.errors import UserError
 
 
-# Error types raised with a one-line, user-facing message (also when they happen inside a spawned rank).
-_USER_ERRORS = ("ConvertError", "HFCheckpointError", "MegatronCheckpointError", "UnsupportedModelError",
-                "ConfigError")
+class ConvertError(UserError):
+    """A refused input: the message names the problem and the fix. The CLI prints it and exits 2."""
 
 
 def under_torchrun() -> bool:
@@ -96,24 +92,17 @@ class Launcher:
             return _run_in_process(fn, args)
         from megatron_a3po.spawn import run_in_ranks
 
-        try:
-            return run_in_ranks(fn, self.world, args, timeout=self.timeout)[0]
-        except RuntimeError as err:
-            message = user_error_from_traceback(str(err))
-            if message:
-                raise ConvertError(message) from None
-            raise
+        return run_in_ranks(fn, self.world, args, timeout=self.timeout)[0]  # a rank's UserError is re-raised
 
 
 def _run_in_process(fn: Callable, args: Sequence[Any]) -> Any:
     """A 1-rank job in this process; the environment and process group are restored afterwards."""
     from megatron_a3po import parallel
-    from megatron_a3po.spawn import free_port
 
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+                      MASTER_PORT=str(parallel.free_port()))
     try:
         parallel.init_distributed()
         return fn(*args)
@@ -124,13 +113,6 @@ def _run_in_process(fn: Callable, args: Sequence[Any]) -> Any:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def user_error_from_traceback(text: str) -> str | None:
-    """The one-line message of a known user-facing error inside a rank's traceback, if there is one."""
-    pattern = r"^(?:[\w.]+\.)?(" + "|".join(_USER_ERRORS) + r"): (.+)$"
-    match = re.search(pattern, text, flags=re.MULTILINE)
-    return match.group(2) if match else None
 
 
 def check_output_dir(output: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
@@ -183,19 +165,15 @@ def atomic_output_dir(output: Path, launcher: Launcher | None = None):
 
 
 def parse_dtype(name: str | None):
-    import torch
+    """--dtype (None: keep the source's) as a torch dtype; a ConvertError naming the choices otherwise."""
+    from megatron_a3po import dtypes
 
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
     if name is None:
         return None
-    if name not in names:
-        raise ConvertError(f"--dtype {name!r}: choose bf16, fp16 or fp32")
-    return names[name]
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    try:
+        return dtypes.parse_dtype(name)
+    except ValueError:
+        raise ConvertError(f"--dtype {name!r}: choose bf16, fp16 or fp32") from None
 
 
 def check_parallel_sizes(arch, tp: int, pp: int) -> None:
@@ -222,9 +200,8 @@ def build_model(arch, tp: int, pp: int, dtype, padded_vocab: int) -> list:
     from megatron_a3po.models import builder
 
     parallel.init_model_parallel(parallel.ParallelSizes(tensor=tp, pipeline=pp))
-    config = builder.transformer_config(arch, tp=tp, pp=pp, params_dtype=dtype, use_te=False)
-    config.perform_initialization = False  # random init of billions of weights only to overwrite them
-    return builder.build_model_chunks(arch, config, padded_vocab=padded_vocab, use_te=False)
+    return builder.build_model(arch, padded_vocab=padded_vocab, use_te=False, initialize=False, tp=tp, pp=pp,
+                               params_dtype=dtype)[1]
 
 
 def progress(total: int | None, desc: str, enabled: bool):

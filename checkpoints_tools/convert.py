@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 from checkpoints_tools.common import (ConvertError, Launcher, atomic_output_dir, build_model, check_output_dir,
-                                      check_parallel_sizes, dtype_name, gib, max_over_ranks, parse_dtype,
+                                      check_parallel_sizes, gib, max_over_ranks, parse_dtype,
                                       peak_rss_bytes, progress)
+from megatron_a3po.dtypes import dtype_name
+from megatron_a3po.errors import UserError, report
 
 
 def _say(launcher: Launcher, message: str) -> None:
@@ -96,7 +98,7 @@ def _hf_to_megatron_rank(hf_path: str, out_dir: str, tp: int, pp: int, dtype_str
 
 def hf_to_megatron(args) -> int:
     from megatron_a3po.models import megatron_ckpt
-    from megatron_a3po.models.builder import padded_vocab_size
+    from megatron_a3po.models.families import padded_vocab_size
     from megatron_a3po.models.hf_io import copy_side_files
 
     start = time.perf_counter()
@@ -162,7 +164,7 @@ def _megatron_to_hf_rank(ckpt: str, out_dir: str, tp: int, pp: int, dtype_str: s
 def export_config(meta, dtype) -> dict:
     """The source config.json, with its dtype entry changed only when the export dtype differs."""
     config = dict(meta.hf_config)
-    declared = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    declared = dtype_name(config.get("dtype") or config.get("torch_dtype") or "")
     if declared != dtype_name(dtype):
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
@@ -261,15 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         from checkpoints_tools.verify import verify
 
         return verify(args)
-    except ConvertError as err:
-        print(f"a3po-convert {args.command}: error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except ValueError as err:  # HFCheckpointError, MegatronCheckpointError, UnsupportedModelError, ConfigError
-        if type(err).__name__ not in ("HFCheckpointError", "MegatronCheckpointError", "UnsupportedModelError",
-                                      "ConfigError"):
-            raise
-        print(f"a3po-convert {args.command}: error: {err}", file=sys.stderr, flush=True)
-        return 1
+    except UserError as err:  # ConvertError, and the model / checkpoint / config errors of megatron_a3po
+        return report(err, f"a3po-convert {args.command}: error")
     finally:
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, previous)

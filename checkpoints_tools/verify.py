@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from checkpoints_tools.common import (ConvertError, Launcher, build_model, check_parallel_sizes, parse_dtype,
-                                      dtype_name)
+from checkpoints_tools.common import ConvertError, Launcher, build_model, check_parallel_sizes, parse_dtype
+from megatron_a3po.dtypes import dtype_name
 
 EXIT_ABOVE_TOLERANCE = 3
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from megatron_a3po import checkpoint_files as files
 from megatron_a3po import optimizer_state
 from megatron_a3po.checkpoint_files import LATEST, MARKER, step_dir_name
-from megatron_a3po.config import ConfigError
+from megatron_a3po.errors import CheckpointError
 
 FORMAT = "megatron-a3po/train-state"
 FORMAT_VERSION = 2  # 2: a file manifest in the marker, RNG states as tensors
@@ -55,10 +55,6 @@ RESUME_FREE_SETTINGS = {("training", "load"), ("training", "ref_load"), ("traini
                         ("rl", "max_consecutive_nan_steps"), ("model", "hf_path"), ("model", "tiny_model"),
                         ("training", "keep_last_checkpoints"), ("training", "keep_checkpoint_interval"),
                         ("training", "allow_config_change")}
-
-
-class CheckpointError(ConfigError):
-    """A --load / --save directory that cannot be used; the message names the problem and the fix."""
 
 
 # ---- what --load points at ---------------------------------------------------------------------------------
@@ -277,16 +273,13 @@ class Checkpointer:
     def _write_metadata(self, ckpt_dir: Path) -> None:
         from megatron_a3po.models import megatron_ckpt
 
-        hf_dir = ckpt_dir / megatron_ckpt.HF_FILES_DIR
-        hf_dir.mkdir()
-        files = []
-        for f in sorted(self.tokenizer_dir.iterdir()):
-            if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json":
-                shutil.copy(f, hf_dir / f.name)
-                files.append(f.name)
+        from megatron_a3po.dtypes import dtype_name
+        from megatron_a3po.models.hf_io import copy_side_files
+
+        files = copy_side_files(self.tokenizer_dir, ckpt_dir / megatron_ckpt.HF_FILES_DIR)
         m, p = self.cfg.model, self.cfg.parallel
         megatron_ckpt.CheckpointMeta(
-            arch=self.policy.arch, hf_config=self.hf_config, dtype=str(self.policy.dtype).replace("torch.", ""),
+            arch=self.policy.arch, hf_config=self.hf_config, dtype=dtype_name(self.policy.dtype),
             padded_vocab_size=self.policy.padded_vocab, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
             saved_tensor_parallel_size=p.tensor_model_parallel_size,
             saved_pipeline_parallel_size=p.pipeline_model_parallel_size, hf_files=tuple(files),
@@ -335,16 +328,3 @@ def restore_rng(ckpt_dir: str | Path) -> bool:
               "RNG states were stored as tensors, or not ours): this rank's RNG states start fresh", file=sys.stderr)
         return False
     return True
-
-
-def trim_metrics(output_dir: str | Path, step: int) -> None:
-    """Drop metrics.jsonl rows after `step` (written by the interrupted run after its last checkpoint)."""
-    from megatron_a3po.metrics import read_jsonl
-
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    keep = [row for row in read_jsonl(path) if row["step"] <= step]  # a torn last line is dropped too
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-    os.replace(tmp, path)

@@ -17,6 +17,10 @@ def a3po(argv: list[str] | None = None) -> int:
         from megatron_a3po.evaluation.cli import run as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["compare"]:  # algorithms x seeds from one warm start, then compare.png/md/json
+        from megatron_a3po.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = argparse.ArgumentParser(prog="a3po", description="megatron-a3po utilities")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="per-GPU memory plan of a config on a GPU cluster (a3po plan --help)")
@@ -26,11 +30,14 @@ def a3po(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from megatron_a3po.metrics import plot_run
 
-    if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
-        print(f"error: {args.run_dir}/metrics.jsonl not found; pass the --output-dir of a training run",
-              file=sys.stderr)
-        return 1
-    print(plot_run(args.run_dir))
+    from megatron_a3po.errors import ConfigError, UserError, report
+
+    try:
+        if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+            raise ConfigError(f"{args.run_dir}/metrics.jsonl not found; pass the --output-dir of a training run")
+        print(plot_run(args.run_dir))
+    except UserError as err:
+        return report(err)
     return 0
 
 

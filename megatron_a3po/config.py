@@ -18,11 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_a3po.errors import ConfigError, flag_name  # noqa: F401  (re-exported: C.ConfigError, C.flag_name)
 from megatron_a3po.rl_config import RLConfig
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the offending flag(s) and how to fix it."""
 
 
 @dataclass
@@ -85,10 +82,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
 
 
 def _field_types(section_cls) -> dict[str, type]:
@@ -205,6 +198,23 @@ def expand_run_names(cfg: Config) -> Config:
     return cfg
 
 
+MODEL_SOURCE_HINT = ("give a model, exactly one model source: --load MEGATRON_CKPT (from a3po-convert, or a training "
+                     "checkpoint), --hf-path HF_DIR, or --tiny-model llama|qwen2|qwen3 (a resumed --load may come with "
+                     "the --hf-path or --tiny-model it started from: the checkpoint's model must match)")
+
+
+def check_model_flags(cfg: Config) -> None:
+    """Exactly one model source is named, and the paths given exist (job.model_source reads them)."""
+    m, t = cfg.model, cfg.training
+    if (m.hf_path is not None and m.tiny_model is not None) or not (m.hf_path or m.tiny_model or t.load):
+        raise ConfigError(MODEL_SOURCE_HINT)
+    if m.hf_path is not None and not Path(m.hf_path, "config.json").is_file():
+        raise ConfigError(f"--hf-path {m.hf_path}: no config.json there; point it at a Hugging Face model dir")
+    if t.load is not None and not Path(t.load).exists():
+        raise ConfigError(f"--load {t.load}: path does not exist; convert an HF model with `a3po-convert "
+                          "hf-to-megatron`, or drop --load to start fresh")
+
+
 def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
     """Check everything that can be checked before process groups exist. `arch` is a models.ModelArch."""
     if world_size is None:
@@ -241,13 +251,7 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
         raise ConfigError(f"--clip-grad must be >= 0 (0 disables clipping), got {t.clip_grad}")
     if m.bf16 and m.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive; pass one")
-    if (m.hf_path is None) == (m.tiny_model is None):
-        raise ConfigError("give exactly one model source: --hf-path DIR (a Hugging Face checkpoint) "
-                          "or --tiny-model llama|qwen2|qwen3")
-    if m.hf_path is not None and not Path(m.hf_path, "config.json").is_file():
-        raise ConfigError(f"--hf-path {m.hf_path}: no config.json there; point it at a Hugging Face model dir")
-    if t.load is not None and not Path(t.load).exists():
-        raise ConfigError(f"--load {t.load}: path does not exist; drop --load to start fresh")
+    check_model_flags(cfg)
     if t.ref_load is not None:
         if cfg.rl.kl_coef <= 0:
             raise ConfigError("--ref-load is the reference policy of the KL penalty; it needs --kl-coef > 0")

@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from megatron_a3po.errors import DatasetError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 SKIP_HINT = "fix the row, or pass skip_bad_rows=True to skip and count bad rows"
-
-
-class DatasetError(ValueError):
-    """A dataset file or row is unusable; the message names the file, the row and the fix."""
 
 
 @dataclass

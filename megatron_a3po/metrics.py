@@ -229,6 +229,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def trim_metrics(output_dir: str | Path, step: int) -> None:
+    """Drop metrics.jsonl rows after `step` (written by the interrupted run after its last checkpoint)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = [row for row in read_jsonl(path) if row["step"] <= step]  # a torn last line is dropped too
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+    os.replace(tmp, path)
+
+
 def plot_run(run_dir: str | Path) -> Path:
     """Write RUN_DIR/curves.png: reward/accuracy, validation, and entropy / length for positive vs negative."""
     import matplotlib

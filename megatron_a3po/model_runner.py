@@ -13,15 +13,12 @@ import torch
 
 from megatron_a3po import platform
 from megatron_a3po.config import Config, virtual_pipeline_size
+from megatron_a3po.dtypes import params_dtype
 from megatron_a3po.models import builder, hf_mapping
-from megatron_a3po.models.families import ModelArch
+from megatron_a3po.models.families import ModelArch, padded_vocab_size
 
 # loss_fn(logits_shard [b, s, V/tp] fp32-able, batch dict) -> (scalar loss, metrics dict of tensors)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
-
-
-def params_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.model.bf16 else torch.float16 if cfg.model.fp16 else torch.float32
 
 
 class PolicyModel:
@@ -34,18 +31,16 @@ class PolicyModel:
         self.cfg, self.arch = cfg, arch
         p, m = cfg.parallel, cfg.model
         self.use_te = builder.use_transformer_engine(m.transformer_impl)
-        self.dtype = params_dtype(cfg)
-        self.tconfig = builder.transformer_config(
-            arch, tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+        self.dtype = params_dtype(cfg.model)
+        self.padded_vocab = padded_vocab_size(arch.vocab_size, m.make_vocab_size_divisible_by,
+                                              p.tensor_model_parallel_size)
+        self.tconfig, chunks = builder.build_model(
+            arch, padded_vocab=self.padded_vocab, use_te=self.use_te, initialize=not frozen,
+            tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
             vpp=virtual_pipeline_size(cfg, arch.num_layers), cp=p.context_parallel_size,
             sequence_parallel=p.sequence_parallel, params_dtype=self.dtype, fp8_format=m.fp8_format,
-            fp8_recipe=m.fp8_recipe, recompute_granularity=m.recompute_granularity, use_te=self.use_te,
+            fp8_recipe=m.fp8_recipe, recompute_granularity=m.recompute_granularity,
         )
-        self.padded_vocab = builder.padded_vocab_size(arch.vocab_size, m.make_vocab_size_divisible_by,
-                                                      p.tensor_model_parallel_size)
-        if frozen:
-            self.tconfig.perform_initialization = False
-        chunks = builder.build_model_chunks(arch, self.tconfig, padded_vocab=self.padded_vocab, use_te=self.use_te)
         self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         self.dp_size = ps.get_data_parallel_world_size()
         self.optimizer = self.scheduler = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,13 @@ class ParallelSizes:
         return world_size // (self.tensor * self.pipeline * self.context)
 
 
+def free_port() -> int:
+    """A port the OS just handed out; binding to port 0 avoids collisions between back-to-back runs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Create the default process group from the torchrun environment (a 1-rank group if absent)."""
     platform.enable_cpu_compat()
@@ -39,8 +47,6 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from megatron_a3po.spawn import free_port
-
         os.environ["MASTER_PORT"] = str(free_port())
     if platform.cuda_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -138,12 +144,6 @@ def tp_group():
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
-def pp_rank() -> int:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_pipeline_model_parallel_rank()
-
-
 def pp_size() -> int:
     from megatron.core import parallel_state as ps
 
@@ -160,12 +160,6 @@ def dp_size() -> int:
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_world_size()
-
-
-def is_first_stage() -> bool:
-    from megatron.core import parallel_state as ps
-
-    return ps.is_pipeline_first_stage(ignore_virtual=True)
 
 
 def is_last_stage() -> bool:

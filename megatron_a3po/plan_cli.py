@@ -13,33 +13,12 @@ from pathlib import Path
 
 from megatron_a3po import config as C
 from megatron_a3po import planner as P
+from megatron_a3po.dtypes import precision_name
+from megatron_a3po.errors import ConfigError, UserError
+from megatron_a3po.errors import report as report_error
+from megatron_a3po.job import model_source
 
 GiB = P.GiB
-
-
-def resolve_arch(cfg) -> tuple[object, str]:
-    """(ModelArch, where it came from): the model's config.json, a converted checkpoint, or the known table."""
-    from megatron_a3po.models import families
-    from megatron_a3po.models.known_archs import PAPER_MODELS
-
-    hf = cfg.model.hf_path
-    if hf and Path(hf, "config.json").is_file():
-        return families.load_hf_arch(hf)[0], f"{hf}/config.json"
-    if cfg.training.load:
-        try:
-            from megatron_a3po.models.megatron_ckpt import read_meta
-
-            return read_meta(cfg.training.load).arch, f"{cfg.training.load} (a3po-convert metadata)"
-        except (OSError, ValueError, KeyError):
-            pass
-    if hf and Path(hf).name in PAPER_MODELS:
-        return families.arch_from_hf_config(PAPER_MODELS[Path(hf).name]), f"known architecture of {Path(hf).name}"
-    if cfg.model.tiny_model:
-        from megatron_a3po.models import tiny
-
-        return families.arch_from_hf_config(tiny.hf_config(cfg.model.tiny_model).to_dict()), "tiny model"
-    raise C.ConfigError(f"no architecture for --hf-path {hf}: no config.json there and not one of the known models "
-                        "(megatron_a3po/models/known_archs.py); point --hf-path at a dir with the model's config.json")
 
 
 def _gib(x: float) -> str:
@@ -50,7 +29,7 @@ def report(name: str, cfg, arch, source: str, layout: P.Layout, plan: P.Plan) ->
     p, m, t, rl = cfg.parallel, cfg.model, cfg.training, cfg.rl
     L, n = plan.lines, plan.notes
     dp = int(n["dp"])
-    precision = "bf16" if m.bf16 else "fp16" if m.fp16 else "fp32"
+    precision = precision_name(m)
     opt = "fp32 master + Adam m,v" + (f", sharded /{dp * p.context_parallel_size}" if t.use_distributed_optimizer
                                          else ", not sharded")
     rows = [
@@ -127,18 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         if known.nodes < 1 or known.gpus_per_node < 1:
-            raise ValueError("--nodes and --gpus-per-node must be >= 1")
+            raise ConfigError("--nodes and --gpus-per-node must be >= 1")
         layout = P.Layout(known.nodes, known.gpus_per_node, P.parse_memory(known.gpu_memory),
                           P.parse_memory(known.reserve))
         cfg, args = C.parse_args(rest)
         if not args.config:
             raise C.ConfigError("give --config FILE (a paper setup, e.g. configs/qwen3-8b-base_a3po.yaml)")
-        arch, source = resolve_arch(cfg)
+        model = model_source(cfg, known_archs=True)  # the table of paper models: plan without the files
+        arch, source = model.arch, model.origin
         C.validate_against_arch(cfg, arch)  # TP must divide heads / query groups, PP the layers
         result = P.plan(cfg, arch, layout)
-    except (C.ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report_error(err)
     name = " + ".join(Path(c).stem for c in args.config)
     if known.markdown:
         print(MARKDOWN_HEADER)

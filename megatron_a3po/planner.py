@@ -36,6 +36,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from megatron_a3po.errors import ConfigError
+from megatron_a3po.models.families import padded_vocab_size as padded_vocab
+
 GiB = 2**30
 _VLLM_BATCHED_TOKENS = 8192  # vLLM's scheduler token budget per forward: sizes its activation estimate
 _CUDA_GRAPHS = 1 * GiB  # vLLM's captured CUDA graphs (enforce_eager is off on GPUs)
@@ -46,7 +49,7 @@ def parse_memory(text: str) -> float:
     """'141GiB', '141G' (GiB), '80GB' (10^9), '1.5TiB' -> bytes."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)(B?)\s*", text, re.IGNORECASE)
     if not match or not match.group(1).replace(".", "", 1).isdigit():
-        raise ValueError(f"memory size {text!r} not understood; write e.g. 141GiB, 80GB or 141G")
+        raise ConfigError(f"memory size {text!r} not understood; write e.g. 141GiB, 80GB or 141G")
     value, unit, binary, b = match.groups()
     power = "KMGT".index(unit.upper()) + 1 if unit else 0
     base = 1000 if (b and not binary and unit) else 1024  # GB = 10^9, G and GiB = 2^30
@@ -63,11 +66,6 @@ class Layout:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
-
-
-def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp  # Megatron pads so every TP rank gets an equal, aligned vocab shard
-    return math.ceil(vocab / multiple) * multiple
 
 
 def param_counts(arch, tp: int, pp: int, vocab: int) -> tuple[int, float, int]:
@@ -133,7 +131,7 @@ def plan(cfg, arch, layout: Layout) -> Plan:
     p, m, t, rl = cfg.parallel, cfg.model, cfg.training, cfg.rl
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     if layout.world % (tp * pp * cp):
-        raise ValueError(f"{layout.world} GPUs are not divisible by TP {tp} x PP {pp} x CP {cp}; change "
+        raise ConfigError(f"{layout.world} GPUs are not divisible by TP {tp} x PP {pp} x CP {cp}; change "
                          "--nodes/--gpus-per-node or the parallel sizes")
     dp = layout.world // (tp * pp * cp)
     half = m.bf16 or m.fp16

@@ -52,20 +52,21 @@ def check(argv: list[str], env: dict[str, str] | None = None) -> tuple[list[str]
 
 def _check_config(argv: list[str], world: int) -> list[str]:
     from megatron_a3po import config as C
-    from megatron_a3po.train import validate_all
+    from megatron_a3po.errors import RewardError, UserError
+    from megatron_a3po.job import resolve_job
 
     try:
         cfg, _ = C.parse_args(argv)
-    except C.ConfigError as err:
+    except UserError as err:
         return [str(err)]
     save, out = cfg.training.save, cfg.rl.output_dir
     problems = []
     try:
-        validate_all(cfg, world)
-    except (C.ConfigError, ValueError, FileNotFoundError) as err:
+        resolve_job(cfg, world)
+    except UserError as err:
         problems.append(f"{err} (validated for the job's world size {world})")
     else:
-        from megatron_a3po.rewards import RewardError, check_reward_fn
+        from megatron_a3po.rewards import check_reward_fn
 
         try:  # the reward imports and scores one example in its worker pool (math-verify installed, hook found)
             check_reward_fn(cfg.rl.reward)

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from megatron_a3po.errors import ConfigError, flag_name
+
 PRESETS = {
     # name: (advantage, shaper, loss, clip_low, clip_high, aggregation)
     "a3po": ("grpo", "a3po", "ppo_clip", 0.2, 0.28, "token-mean"),
@@ -134,7 +136,6 @@ _SHARED_SETTINGS = ("clip_ratio_low", "clip_ratio_high", "dual_clip_c", *_REGULA
 def resolve_algorithm(rl: RLConfig):
     """The run's `algorithms.Algorithm`, resolved once. Raises ConfigError naming the setting and the fix."""
     from megatron_a3po import algorithms as A
-    from megatron_a3po.config import ConfigError
 
     choice = rl.resolved()
     preset = {"clip_ratio_low": choice.clip_low, "clip_ratio_high": choice.clip_high}
@@ -167,7 +168,6 @@ def _bind(kind: str, spec: str | dict, rl: RLConfig, preset: dict[str, Any]):
     """Settings precedence: the component's defaults < preset values < flat RL fields (aliases) < nested YAML;
     a flat field the user changed that disagrees with the nested value is an error (set it in one place)."""
     from megatron_a3po import algorithms as A
-    from megatron_a3po.config import ConfigError, flag_name
 
     name = component_name(spec)
     nested = {k.replace("-", "_"): v for k, v in spec.items() if k != "name"} if isinstance(spec, dict) else {}
@@ -203,7 +203,6 @@ def _yaml_key(kind: str) -> str:
 
 
 def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int) -> None:
-    from megatron_a3po.config import ConfigError
 
     if rl.algorithm not in PRESETS:
         raise ConfigError(f"--algorithm {rl.algorithm!r} is unknown; choose one of {', '.join(PRESETS)}")
@@ -259,7 +258,6 @@ def validate_rl(rl: RLConfig, *, world_size: int, dp: int, micro_batch_size: int
 def _validate_algorithm(rl: RLConfig) -> None:
     """The algorithm resolves (hooks import, settings are valid), and what it needs can be computed."""
     from megatron_a3po.algorithms import INPUTS
-    from megatron_a3po.config import ConfigError
 
     for flag, value in (("--kl-coef", rl.kl_coef), ("--entropy-coef", rl.entropy_coef),
                         ("--overlong-penalty-factor", rl.overlong_penalty_factor)):

@@ -18,9 +18,23 @@ import torch
 from megatron_a3po import config as C
 
 
-def _examples(tokenizer, rows) -> list[tuple[list[int], list[int]]]:
+def _examples(tokenizer, rows, scratchpad_fraction: float | None = None,
+              seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + end-of-turn) per row; the response is the direct answer or, for a seeded
+    `scratchpad_fraction` of rows (None: the level's default, 0.5 on level 6, else 0), the worked one."""
+    from megatron_a3po.rewards.synthetic import sft_responses
+
+    responses = sft_responses(rows, scratchpad_fraction, seed=seed)
     return [(tokenizer.encode(r["prompt"], add_special_tokens=False),
-             tokenizer.encode(r["ground_truth"], add_special_tokens=False) + [tokenizer.eos_token_id]) for r in rows]
+             tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])
+            for r, text in zip(rows, responses)]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def _batch(examples, pad_id: int) -> dict:
@@ -38,28 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-output", required=True, help="HF directory to write the warm-started policy to")
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-level", type=int, default=1, help="arithmetic difficulty level")
+    parser.add_argument("--sft-scratchpad-fraction", type=_fraction, default=None,
+                        help="share of examples answered with the worked scratchpad instead of directly "
+                             "(default: 0.5 on level 6, 0 elsewhere; only additions have one)")
     parser.add_argument("--sft-examples", type=int, default=2000, help="distinct training examples")
     C.add_flags(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = C.apply_flags(C.Config(), args)
-    import os
-
-    from megatron_a3po.models.families import load_hf_arch
+    from megatron_a3po.errors import ConfigError, UserError, report
+    from megatron_a3po.job import resolve_job, world_size_from_env
 
     try:
+        cfg = C.apply_flags(C.Config(), args)
         if not cfg.model.hf_path:
-            raise C.ConfigError("--hf-path is required (the base HF model to warm-start)")
-        arch, hf_cfg = load_hf_arch(cfg.model.hf_path)
-        C.validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), arch=arch)
+            raise ConfigError("--hf-path is required (the base HF model to warm-start)")
         if args.sft_steps < 1:
-            raise C.ConfigError(f"--sft-steps must be >= 1, got {args.sft_steps}")
-    except (C.ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return run(cfg, arch, hf_cfg, args)
+            raise ConfigError(f"--sft-steps must be >= 1, got {args.sft_steps}")
+        job = resolve_job(cfg, world_size_from_env(), rl=False)
+    except UserError as err:
+        return report(err, "config error")
+    return run(job, args)
 
 
-def run(cfg, arch, hf_cfg, args) -> int:
+def run(job, args) -> int:
     from transformers import AutoTokenizer
 
     from megatron_a3po import parallel
@@ -68,13 +82,14 @@ def run(cfg, arch, hf_cfg, args) -> int:
     from megatron_a3po.model_runner import PolicyModel
     from megatron_a3po.rewards.synthetic import make_arithmetic_dataset
 
-    p, t = cfg.parallel, cfg.training
-    parallel.init_model_parallel(parallel.ParallelSizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size),
-                                 seed=t.seed)
+    cfg, arch, hf_cfg = job.cfg, job.arch, job.model.hf_config
+    t = cfg.training
+    parallel.init_model_parallel(job.layout.sizes(), seed=t.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     policy = PolicyModel(cfg, arch)
     policy.load_hf(cfg.model.hf_path)
-    examples = _examples(tokenizer, make_arithmetic_dataset(args.sft_examples, args.sft_level, seed=t.seed + 1))
+    examples = _examples(tokenizer, make_arithmetic_dataset(args.sft_examples, args.sft_level, seed=t.seed + 1),
+                         args.sft_scratchpad_fraction, seed=t.seed + 2)
     gen = torch.Generator().manual_seed(t.seed)
     say = print if parallel.is_rank0() else (lambda *a, **k: None)
     for step in range(1, args.sft_steps + 1):

@@ -13,17 +13,12 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
-
-def free_port() -> int:
-    """A port the OS just handed out; binding to port 0 avoids collisions between back-to-back runs."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_a3po import parallel
+from megatron_a3po.errors import UserError
 
 
 def _rank_main(fn, args, rank, world_size, port, results, extra_env):
@@ -32,19 +27,26 @@ def _rank_main(fn, args, rank, world_size, port, results, extra_env):
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **extra_env,
     )
     try:
-        from megatron_a3po import parallel
-
         parallel.init_distributed()
         # Pickled to bytes here: tensors sent through a multiprocessing queue travel as shared-memory
         # handles that die with this process.
         results.put((rank, True, pickle.dumps(fn(*args))))
+    except UserError as err:  # the parent re-raises it as is: a one-line message, not a traceback
+        results.put((rank, False, (traceback.format_exc(), _pickled(err))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, False, (traceback.format_exc(), None)))
     finally:
         try:
             parallel.destroy()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _pickled(err: BaseException) -> bytes | None:
+    try:
+        return pickle.dumps(err)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle is reported by its traceback
+        return None
 
 
 def _collect(procs, results, world_size: int, timeout: float) -> dict[int, tuple[bool, Any]]:
@@ -84,7 +86,7 @@ def run_in_ranks(
     """Run module-level `fn(*args)` in `world_size` fresh processes; return the per-rank results."""
     ctx = mp.get_context("spawn")  # fork would copy torch/OpenMP thread state; spawn is what torchrun gives
     results = ctx.Queue()
-    port = free_port()
+    port = parallel.free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, results, dict(env or {})))
         for r in range(world_size)
@@ -99,12 +101,17 @@ def run_in_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
-    failures = []
+    failures, user_errors = [], []
     for r in range(world_size):
         if r not in outcomes:
             failures.append(f"--- rank {r}: no result (exit code {procs[r].exitcode}; hung past {timeout:.0f}s or died)")
         elif not outcomes[r][0]:
-            failures.append(f"--- rank {r} failed:\n{outcomes[r][1]}")
+            text, user_error = outcomes[r][1]
+            failures.append(f"--- rank {r} failed:\n{text}")
+            if user_error is not None:
+                user_errors.append(pickle.loads(user_error))
+    if user_errors:  # the input was refused: that is the news, other ranks' failures follow from it
+        raise user_errors[0]
     if failures:
         raise RuntimeError(f"{len(failures)} of {world_size} ranks failed running {fn.__name__}:\n" + "\n".join(failures))
     return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

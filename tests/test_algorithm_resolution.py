@@ -13,7 +13,7 @@ import torch
 from megatron_a3po import algorithms as A
 from megatron_a3po import config as C
 from megatron_a3po.rl_config import RLConfig, resolve_algorithm
-from megatron_a3po.train import validate_all
+from megatron_a3po.job import resolve_job
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model", "qwen2"]
@@ -84,7 +84,7 @@ def test_the_algorithm_says_what_to_compute(flags, needs, absent):
 def test_impossible_combinations_are_refused(flags, message):
     cfg, _ = C.parse_args([*BASE, *flags])
     with pytest.raises(C.ConfigError) as err:
-        validate_all(cfg, 2)
+        cfg = resolve_job(cfg, 2).cfg
     assert message in str(err.value)
 
 

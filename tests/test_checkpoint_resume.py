@@ -25,7 +25,7 @@ from megatron_a3po import checkpoint_files, checkpointing
 from megatron_a3po import config as C
 from megatron_a3po.models import megatron_ckpt, tiny
 from megatron_a3po.models.families import arch_from_hf_config
-from megatron_a3po.train import validate_all
+from megatron_a3po.job import resolve_job
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -190,7 +190,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def fake_training_checkpoint(path: Path, family: str = "qwen2", step: int = 2) -> Path:
-    """A training checkpoint's metadata without tensors: enough for everything validate_all checks."""
+    """A training checkpoint's metadata without tensors: enough for everything resolve_job checks."""
     path.mkdir(parents=True)
     hf_cfg = tiny.hf_config(family).to_dict()
     megatron_ckpt.CheckpointMeta(arch=arch_from_hf_config(hf_cfg), hf_config=hf_cfg, dtype="float32",
@@ -206,7 +206,7 @@ def fake_training_checkpoint(path: Path, family: str = "qwen2", step: int = 2) -
 
 def validate(args: list[str]):
     cfg, _ = C.parse_args(TINY_RUN + args)
-    validate_all(cfg, 2)
+    cfg = resolve_job(cfg, 2).cfg
     return cfg
 
 

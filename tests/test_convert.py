@@ -215,7 +215,7 @@ def test_export_in_another_dtype(root, tp1):
 
 def test_checkpoint_contradicting_its_metadata_is_refused(root, tp1):
     rc, _, err = tp1["bad_meta"]
-    assert rc == 1
+    assert rc == 2
     assert "do not fit the model described by a3po_metadata.json" in err
     assert not (root / "x").exists() and not list(root.glob(".x.*"))
 

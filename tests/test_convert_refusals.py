@@ -42,7 +42,7 @@ def _shard_in_two(hf_dir):
     return list(halves)
 
 
-def _refused(capsys, argv, *phrases, code=1):
+def _refused(capsys, argv, *phrases, code=2):
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == code, err
@@ -213,10 +213,25 @@ def test_bad_dtype_and_usage():
         parse_dtype("fp8")
 
 
-def test_rank_errors_are_reported_as_one_line():
-    from checkpoints_tools.common import user_error_from_traceback
+def _refuse_in_rank():
+    from megatron_a3po.models.megatron_ckpt import MegatronCheckpointError
 
-    text = ("2 of 2 ranks failed running f:\n--- rank 0 failed:\nTraceback (most recent call last):\n  File \"x\"\n"
-            "megatron_a3po.models.megatron_ckpt.MegatronCheckpointError: /ckpt: the stored tensors do not fit\n")
-    assert user_error_from_traceback(text) == "/ckpt: the stored tensors do not fit"
-    assert user_error_from_traceback("Traceback ...\nZeroDivisionError: division by zero\n") is None
+    raise MegatronCheckpointError("/ckpt: the stored tensors do not fit")
+
+
+def _fail_in_rank():
+    return 1 / 0
+
+
+def test_rank_errors_are_reported_as_one_line():
+    """A user error inside a spawned rank reaches the parent as the same exception (the CLI prints its one line);
+    a bug stays a RuntimeError carrying the rank's traceback."""
+    from megatron_a3po.errors import UserError
+    from megatron_a3po.models.megatron_ckpt import MegatronCheckpointError
+    from megatron_a3po.spawn import run_in_ranks
+
+    with pytest.raises(MegatronCheckpointError, match="^/ckpt: the stored tensors do not fit$") as err:
+        run_in_ranks(_refuse_in_rank, 1)
+    assert isinstance(err.value, UserError)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        run_in_ranks(_fail_in_rank, 1)

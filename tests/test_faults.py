@@ -13,8 +13,8 @@ import torch
 
 from megatron_a3po import checkpointing
 from megatron_a3po import config as C
-from megatron_a3po.metrics import read_jsonl
-from megatron_a3po.train import validate_all
+from megatron_a3po.metrics import read_jsonl, trim_metrics
+from megatron_a3po.job import resolve_job
 from test_train_cli import BASE
 
 # Each of these passed validation before (most reached the trainer: nan learning rates train on nothing, a VPP
@@ -46,7 +46,7 @@ BAD_INPUTS = [
 def test_bad_input_is_refused_with_the_flag_named(flags, message, capsys):
     with pytest.raises((C.ConfigError, SystemExit)) as err:
         cfg, _ = C.parse_args(BASE + flags)
-        validate_all(cfg, 2)
+        cfg = resolve_job(cfg, 2).cfg
     text = str(err.value) if err.type is C.ConfigError else capsys.readouterr().err
     assert message in text
 
@@ -69,7 +69,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume_and_in_plot(tmp_path, capsy
     path.write_text('{"step": 1, "reward/mean": 0.5}\n{"step": 2, "reward/mean": 0.6}\n{"step": 3, "rew')
     assert [r["step"] for r in read_jsonl(path)] == [1, 2]
     assert "dropped a torn last line" in capsys.readouterr().err
-    checkpointing.trim_metrics(tmp_path, step=2)
+    trim_metrics(tmp_path, step=2)
     assert path.read_text() == '{"step": 1, "reward/mean": 0.5}\n{"step": 2, "reward/mean": 0.6}\n'
     from megatron_a3po.cli import a3po
 

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from megatron_a3po import config as C
-from megatron_a3po.train import validate_all
+from megatron_a3po.job import resolve_job
 from test_checkpoint_resume import EMULATED, PAPER_FAMILIES, paper_run, rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _torchrun(module: str, args: list[str], log: Path) -> int:
 @pytest.mark.parametrize("config", sorted(PAPER_FAMILIES))
 def test_overlay_shrinks_sizes_and_keeps_the_flags(config):
     cfg, _ = C.parse_args([*paper_run(config), "--tiny-model", PAPER_FAMILIES[config]])
-    validate_all(cfg, 2)
+    cfg = resolve_job(cfg, 2).cfg
     paper = yaml.safe_load((REPO / "configs" / config).read_text())
     assert cfg.model.bf16 and cfg.training.use_distributed_optimizer and cfg.parallel.sequence_parallel
     assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.model.recompute_granularity == "full"

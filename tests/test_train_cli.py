@@ -9,7 +9,7 @@ import pytest
 
 from megatron_a3po import config as C
 from megatron_a3po.models.known_archs import PAPER_MODELS
-from megatron_a3po.train import validate_all
+from megatron_a3po.job import resolve_job
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--tiny-model", "qwen2", "--micro-batch-size", "8"]
@@ -39,23 +39,23 @@ INVALID_RL = [
 def test_invalid_rl_flags_are_refused(flags, world, message):
     cfg, _ = C.parse_args(BASE + flags)
     with pytest.raises(C.ConfigError) as err:
-        validate_all(cfg, world)
+        cfg = resolve_job(cfg, world).cfg
     assert message in str(err.value)
 
 
 def test_missing_model_and_missing_checkpoint():
     cfg, _ = C.parse_args(["--micro-batch-size", "8"])
     with pytest.raises(C.ConfigError, match="give a model"):
-        validate_all(cfg, 1)
+        cfg = resolve_job(cfg, 1).cfg
     cfg, _ = C.parse_args(["--load", "/nonexistent/ckpt"])
     with pytest.raises((C.ConfigError, ValueError, FileNotFoundError), match="/nonexistent/ckpt"):
-        validate_all(cfg, 1)
+        cfg = resolve_job(cfg, 1).cfg
 
 
 def test_rl_derives_megatron_batch_and_iters():
     cfg, _ = C.parse_args(BASE + ["--rollout-batch-size", "32", "--ppo-mini-batch-size", "16", "--rollout-n", "8",
                                   "--train-steps", "5", "--ppo-epochs", "2"])
-    validate_all(cfg, 2)
+    cfg = resolve_job(cfg, 2).cfg
     assert cfg.training.global_batch_size == 16 * 8
     assert cfg.training.train_iters == 5 * 2 * 2
 
@@ -80,7 +80,7 @@ def _paper_overrides(path, tmp_path):
 
 def test_tiny_cpu_config_validates():
     cfg, _ = C.parse_args(["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model", "qwen2"])
-    validate_all(cfg, 2)
+    cfg = resolve_job(cfg, 2).cfg
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
@@ -91,7 +91,7 @@ def test_paper_setups_validate_for_16_gpus(path, baseline, tmp_path):
     overlay = ["--config", str(baseline)] if baseline else []
     cfg, _ = C.parse_args(["--config", str(path), *overlay, *_paper_overrides(path, tmp_path)])
     if cfg.model.fp8_format is None:
-        validate_all(cfg, 16)
+        cfg = resolve_job(cfg, 16).cfg
     expected = baseline.stem if baseline else "a3po"
     assert cfg.rl.algorithm == expected
     assert (cfg.rl.rollout_batch_size, cfg.rl.rollout_n, cfg.rl.ppo_mini_batch_size) == (512, 8, 32)
@@ -122,4 +122,4 @@ def test_metrics_logger_and_plot(tmp_path):
     assert a3po(["plot", str(tmp_path)]) == 0
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert a3po(["plot", str(tmp_path / "missing")]) == 1
+    assert a3po(["plot", str(tmp_path / "missing")]) == 2

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_a3po.data import DatasetError, read_rows
+from megatron_a3po.errors import ConfigError
 from megatron_a3po.evaluation.tasks import (CHOICE_TEMPLATE, CODE_TEMPLATE, MATH_TEMPLATE, EvalItem, kind_of)
 
 SCHEMA_HINT = "see docs/evaluation.md for the expected columns"
@@ -39,7 +40,7 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     """"NAME=FILE" or "NAME=FILE:KIND" -> (name, file, kind or None)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--benchmark {spec!r}: expected NAME=FILE or NAME=FILE:KIND, e.g. aime24=aime24.jsonl:math")
+        raise ConfigError(f"--benchmark {spec!r}: expected NAME=FILE or NAME=FILE:KIND, e.g. aime24=aime24.jsonl:math")
     path, kind = rest, None
     head, colon, tail = rest.rpartition(":")
     if colon and tail.lower() in ("math", "multiple_choice", "mc", "choice", "gpqa", "code", "lcb"):

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from megatron_a3po.errors import ConfigError, UserError, report
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF checkpoint directory (config, safetensors, tokenizer)")
@@ -61,14 +63,10 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"error: --tensor-parallel-size {args.tensor_parallel_size} but WORLD_SIZE={os.environ['WORLD_SIZE']}; "
               "launch with --nproc-per-node equal to the TP size (or let `a3po eval` launch itself)", file=sys.stderr)
         return 2
-    from megatron_a3po.data import DatasetError
-    from megatron_a3po.evaluation.sandbox import SandboxUnavailable
-
     try:
         return _run(args)
-    except (DatasetError, ValueError, FileNotFoundError, SandboxUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as err:  # flags, benchmark files, a machine that cannot sandbox code
+        return report(err)
 
 
 def _run(args) -> int:
@@ -78,7 +76,7 @@ def _run(args) -> int:
     if args.no_progress:
         os.environ["A3PO_PROGRESS"] = "0"  # every bar: scoring, and vLLM's generation (metrics.progress_enabled)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise FileNotFoundError(f"--model {args.model} has no config.json; pass a Hugging Face checkpoint directory")
+        raise ConfigError(f"--model {args.model} has no config.json; pass a Hugging Face checkpoint directory")
     limits = SandboxLimits(timeout_s=args.code_timeout, memory_mb=args.code_memory_mb,
                            allow_weak=args.allow_weak_sandbox)
     limits.validate()
@@ -86,7 +84,7 @@ def _run(args) -> int:
     for spec in args.benchmark:
         name, path, kind = parse_spec(spec)
         if any(b.name == name for b in benches):
-            raise ValueError(f"benchmark name {name!r} given twice; names key the results")
+            raise ConfigError(f"benchmark name {name!r} given twice; names key the results")
         benches.append(load_benchmark(name, path, kind, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
                                       limit=args.limit))
     sandbox = None
@@ -115,7 +113,7 @@ def _run(args) -> int:
     longest = max(len(it.prompt_ids) for b in benches for it in b.items)
     max_model_len = args.max_model_len or longest + args.max_new_tokens
     if longest + args.max_new_tokens > max_model_len:
-        raise ValueError(f"the longest prompt has {longest} tokens; --max-model-len {max_model_len} leaves less than "
+        raise ConfigError(f"the longest prompt has {longest} tokens; --max-model-len {max_model_len} leaves less than "
                          f"--max-new-tokens {args.max_new_tokens}; raise --max-model-len or lower --max-new-tokens")
     parallel.init_distributed()
     rank0 = parallel.is_rank0()

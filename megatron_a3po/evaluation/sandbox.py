@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_a3po.errors import ConfigError, UserError
 from megatron_a3po.evaluation._sandbox_child import confinement as _verdict, process_tree
 
 CHILD = str(Path(__file__).with_name("_sandbox_child.py"))
@@ -34,7 +35,7 @@ DEFAULT_ISOLATION = "auto"  # what run_python(isolation=None) uses; "none" simul
 FLAG = "--allow-weak-sandbox"
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(UserError, RuntimeError):
     """This machine cannot confine generated code and weak isolation was not allowed."""
 
 
@@ -51,7 +52,7 @@ class SandboxLimits:
 
     def validate(self) -> None:
         if self.timeout_s <= 0 or self.memory_mb < 64 or self.output_bytes < 1 or self.nproc < 1:
-            raise ValueError(f"invalid sandbox limits {self}: timeout_s > 0, memory_mb >= 64 (the interpreter "
+            raise ConfigError(f"invalid sandbox limits {self}: timeout_s > 0, memory_mb >= 64 (the interpreter "
                              "needs it), output_bytes >= 1, nproc >= 1")
 
 
@@ -77,7 +78,7 @@ def _layers(isolation: str | None) -> list[str]:
         return []
     chosen = isolation.split("+")
     if any(layer not in LAYERS for layer in chosen):
-        raise ValueError(f"isolation must be 'auto', 'none' or layers joined by '+' from {LAYERS}, got {isolation!r}")
+        raise ConfigError(f"isolation must be 'auto', 'none' or layers joined by '+' from {LAYERS}, got {isolation!r}")
     return chosen
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from megatron_a3po.errors import ConfigError
 from megatron_a3po.evaluation.sandbox import SandboxLimits, run_python
 
 KINDS = ("math", "multiple_choice", "code")
@@ -54,7 +55,7 @@ class EvalItem:
 def kind_of(name: str) -> str:
     kind = KIND_ALIASES.get(name.strip().lower())
     if kind is None:
-        raise ValueError(f"unknown task kind {name!r}; use one of {', '.join(KIND_ALIASES)}")
+        raise ConfigError(f"unknown task kind {name!r}; use one of {', '.join(KIND_ALIASES)}")
     return kind
 
 

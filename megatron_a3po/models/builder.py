@@ -12,10 +12,6 @@ from megatron_a3po import platform
 from megatron_a3po.models.families import ModelArch
 from megatron_a3po.models.local_norm import LocalRMSNorm
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @functools.cache
 def transformer_engine_usable() -> bool:
     """TE needs both its torch extension and a CUDA device; either missing means the local spec."""
@@ -26,11 +22,6 @@ def transformer_engine_usable() -> bool:
     except Exception:  # noqa: BLE001 - any import failure (missing .so, ABI) means TE is unusable
         return False
     return True
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def use_transformer_engine(transformer_impl: str = "auto") -> bool:
@@ -149,6 +140,16 @@ def transformer_config(
         gradient_accumulation_fusion=on_gpu and use_te,
         persist_layer_norm=False,
     )
+
+
+def build_model(arch: ModelArch, *, padded_vocab: int, use_te: bool, initialize: bool = True,
+                **settings) -> tuple[object, list]:
+    """The one way a Megatron model is built here (policy, reference policy, a3po-convert): (TransformerConfig,
+    this rank's chunks). `settings` are transformer_config's layout / precision arguments; `initialize=False`
+    skips the random init of weights that are loaded right after (billions of them, for nothing)."""
+    config = transformer_config(arch, use_te=use_te, **settings)
+    config.perform_initialization = initialize
+    return config, build_model_chunks(arch, config, padded_vocab=padded_vocab, use_te=use_te)
 
 
 def build_model_chunks(arch: ModelArch, config, *, padded_vocab: int, use_te: bool) -> list:

@@ -11,6 +11,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_a3po.dtypes import dtype_name
+from megatron_a3po.errors import UserError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -18,7 +21,13 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
-class UnsupportedModelError(ValueError):
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocab so every TP rank gets an equal shard, a multiple of --make-vocab-size-divisible-by."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+class UnsupportedModelError(UserError, ValueError):
     pass
 
 
@@ -94,7 +103,7 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         qkv_bias=qkv_bias,
         qk_norm=family == "qwen3",
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        torch_dtype=str(dtype).replace("torch.", ""),
+        torch_dtype=dtype_name(dtype),
     )
 
 

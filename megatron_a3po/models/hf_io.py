@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_a3po.errors import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Weight files never copied as side files (tokenizer, generation config, chat template ... are).
@@ -34,7 +36,7 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError, ValueError):
     """A Hugging Face checkpoint that cannot be used as is; the message names the file and the fix."""
 
 

@@ -27,8 +27,7 @@ import queue
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from megatron_a3po.errors import UserError
 from megatron_a3po.models.families import ModelArch, arch_from_hf_config
 from megatron_a3po.models.hf_mapping import unwrap
 
@@ -38,7 +37,7 @@ FORMAT = "megatron-a3po/torch_dist"
 FORMAT_VERSION = 1
 
 
-class MegatronCheckpointError(ValueError):
+class MegatronCheckpointError(UserError, ValueError):
     """A Megatron checkpoint directory that cannot be used; the message names the problem and the fix."""
 
 
@@ -118,7 +117,7 @@ def arch_differences(a: ModelArch, b: ModelArch, a_name: str, b_name: str) -> li
 
 def load_padded_vocab(meta: CheckpointMeta, tp: int, divisible_by: int | None = None) -> int:
     """Vocab rows to build the model with at this TP: the stored padding when TP divides it, else a new one."""
-    from megatron_a3po.models.builder import padded_vocab_size
+    from megatron_a3po.models.families import padded_vocab_size
 
     if divisible_by is None and meta.padded_vocab_size % tp == 0:
         return meta.padded_vocab_size
@@ -211,10 +210,3 @@ def check_vocab_rows(ckpt_dir: str | Path, arch: ModelArch) -> None:
                 )
         elif key.startswith("embedding"):
             raise MegatronCheckpointError(f"{ckpt_dir}: no {key} stored; the checkpoint is incomplete")
-
-
-def stored_dtype(ckpt_dir: str | Path) -> torch.dtype:
-    from megatron.core import dist_checkpointing
-
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    return stored["embedding.word_embeddings.weight"].dtype

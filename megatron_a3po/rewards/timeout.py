@@ -32,13 +32,11 @@ import threading
 import time
 from typing import Any, Sequence
 
+from megatron_a3po.errors import RewardError  # noqa: F401  (re-exported)
+
 DEFAULT_TIMEOUT_S = 5.0
 _WORKER_CMD = "import megatron_a3po.rewards.timeout as t; t._worker_main()"
 _IGNORED_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-class RewardError(ValueError):
-    """Rewards cannot be trusted (worker pool cannot start, too many worker failures): stop, do not train on them."""
 
 
 class RewardTimeout(Exception):

@@ -1,5 +1,5 @@
 """Rollouts: vLLM colocated in the torchrun ranks, sampling settings, refit from the live Megatron model."""
 
-from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, eval_sampling
+from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig
 
-__all__ = ["RolloutBatch", "SamplingConfig", "eval_sampling"]
+__all__ = ["RolloutBatch", "SamplingConfig"]

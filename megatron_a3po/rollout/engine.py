@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron_a3po import platform
 from megatron_a3po.metrics import progress_enabled
 from megatron_a3po.rewards.timeout import RewardError
+from megatron_a3po.rollout import log_filter
 from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
 
 
@@ -58,6 +59,8 @@ class RolloutEngine:
                                        gpu_memory_utilization=gpu_memory_utilization, on_gpu=self.on_gpu))
         torch.set_num_threads(threads)  # vLLM's CPU worker rebinds OpenMP threads; keep the trainer's setting
         self.sleeping = False
+        # external_launcher: the model and vLLM's loggers live in this process, so the filter goes here
+        self._log_filter = log_filter.install(set().union(*self.llm.collective_rpc(_nothing_to_load)))
         from megatron_a3po import parallel
 
         parallel.on_destroy(self.close)
@@ -70,6 +73,7 @@ class RolloutEngine:
             self.llm.llm_engine.engine_core.shutdown()
             cleanup_dist_env_and_memory()
             self.llm = None
+            log_filter.uninstall(self._log_filter)
 
     # ---- generation -------------------------------------------------------------------------------------------
 
@@ -161,6 +165,10 @@ class RolloutEngine:
         if self.on_gpu and self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
+
+
+def _nothing_to_load(worker) -> set[str]:
+    return log_filter.nothing_to_load(worker.model_runner.model)
 
 
 def _repack_tied_cpu_heads(worker) -> int:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_a3po.errors import ConfigError
+
 
 @dataclass
 class SamplingConfig:
@@ -19,15 +21,15 @@ class SamplingConfig:
 
     def validate(self, prefix: str = "--rollout") -> None:
         if self.n < 1:
-            raise ValueError(f"{prefix}-n must be >= 1, got {self.n}")
+            raise ConfigError(f"{prefix}-n must be >= 1, got {self.n}")
         if self.temperature < 0:
-            raise ValueError(f"{prefix}-temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"{prefix}-temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"{prefix}-top-p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"{prefix}-top-p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"{prefix}-top-k must be -1 (off) or >= 1, got {self.top_k}")
+            raise ConfigError(f"{prefix}-top-k must be -1 (off) or >= 1, got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max-response-length must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"--max-response-length must be >= 1, got {self.max_new_tokens}")
 
     def to_vllm(self, seed_offset: int = 0):
         from vllm import SamplingParams
@@ -38,11 +40,6 @@ class SamplingConfig:
             logprobs=0,  # the sampled token's log-prob (after temperature / top-k / top-p), the behaviour policy
             include_stop_str_in_output=True, skip_special_tokens=False,
         )
-
-
-def eval_sampling(max_new_tokens: int = 256, seed: int = 0) -> SamplingConfig:
-    """The paper's evaluation sampling: temperature 0.6, top_p 0.95, n = 8 (avg@8 / pass@8)."""
-    return SamplingConfig(n=8, temperature=0.6, top_p=0.95, max_new_tokens=max_new_tokens, seed=seed)
 
 
 @dataclass
