@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from megatron_a3po.errors import ConfigError, report
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 # Set per run by compare itself: passing them through would break "everything else identical".
@@ -35,8 +37,8 @@ OWN_FLAGS = ("--algorithm", "--seed", "--train-steps", "--output-dir", "--save",
 SFT_SEED = 1234  # the embedded warm start's seed (as make demo): one warm start for every run and seed
 
 
-class InputError(Exception):
-    """Bad command-line input: exit code 2 with this one-line message."""
+class InputError(ConfigError):
+    """Bad command-line input: exit code 2 with this one-line message (errors.report)."""
 
 
 def default_level() -> int:
@@ -261,16 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parse_args(argv)
         study = Study(args, extra)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     from megatron_a3po import compare_report
 
     start = time.time()
     try:
         failed = study.run_all()
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -85,7 +85,8 @@ def summarize(runs: dict) -> dict[str, dict]:
                 "entropy_early": early, "entropy_late": late,
                 "entropy_ratio": late / early if early and late is not None else None,
                 "val_avg_start": by_step.get(0, {}).get("val/avg@k"),
-                "val_avg_final": final_value(by_step, "val/avg@k"), "val_pass_final": final_value(by_step, "val/pass@k"),
+                "val_avg_final": final_value(by_step, "val/avg@k"),
+                "val_pass_final": final_value(by_step, "val/pass@k"),
                 "length_early": len_early, "length_late": len_late,
                 "length_change": len_late - len_early if None not in (len_early, len_late) else None,
             }
@@ -145,16 +146,16 @@ def _fmt(entry: dict | None, digits: int = 3, signed: bool = False) -> str:
 def markdown(table: dict, claims: list[dict], data: dict, settings: dict, missing: list[str]) -> str:
     lines = [f"# a3po compare: {', '.join(settings['algorithms'])} x seeds {settings['seeds']}, "
              f"{settings['train_steps']} RL steps", "",
-             f"Warm start `{settings['warm_start']}`. Mean ± sample std over seeds; early / late = mean of the first / "
-             f"last {WINDOW:.0%} of RL steps; validation = after the last step.", "",
+             f"Warm start `{settings['warm_start']}`. Mean ± sample std over seeds; early / late = mean of the "
+             f"first / last {WINDOW:.0%} of RL steps; validation = after the last step.", "",
              "| algorithm | seeds | entropy early | entropy late | late/early | val avg@k start | val avg@k final | "
              "val pass@k final | length early | length late | length change |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         lines.append(f"| {name} | {len(row['seeds'])} | {_fmt(row['entropy_early'])} | {_fmt(row['entropy_late'])} | "
                      f"{_fmt(row['entropy_ratio'])} | {_fmt(row['val_avg_start'])} | {_fmt(row['val_avg_final'])} | "
-                     f"{_fmt(row['val_pass_final'])} | {_fmt(row['length_early'], 1)} | {_fmt(row['length_late'], 1)} | "
-                     f"{_fmt(row['length_change'], 1, signed=True)} |")
+                     f"{_fmt(row['val_pass_final'])} | {_fmt(row['length_early'], 1)} | "
+                     f"{_fmt(row['length_late'], 1)} | {_fmt(row['length_change'], 1, signed=True)} |")
     lines += ["", "| paper's claim | here | numbers (means over seeds) |", "|---|---|---|"]
     lines += [f"| {c['claim']} | **{c['verdict']}** | {c['detail']} |" for c in claims]
     checked = {s: v for s, v in data.items() if v is not None}

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from megatron_a3po import platform
+from megatron_a3po.backward_mode import BACKWARD_ENTRIES, run_backward_in_mode
 
 DEVICE = torch.device("cuda", 0)
 aten = torch.ops.aten
@@ -177,8 +177,8 @@ class _DeviceFunctions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in platform.BACKWARD_ENTRIES:
-            return platform.run_backward_in_mode(self, func, args, kwargs)
+        if func in BACKWARD_ENTRIES:
+            return run_backward_in_mode(self, func, args, kwargs)
         owner = getattr(func, "__self__", None)
         if owner is _DEVICE_GETTER or owner is _IS_CUDA_GETTER:
             if on_device(args[0]):

@@ -1,15 +1,19 @@
 """Step metrics (polarity-split), their reduction over ranks, JSONL / wandb logging, PNG plots.
 
 Statistics that live on the last pipeline stage (entropy, advantages, clip fractions) are accumulated there as
-(sum, count) pairs, gathered from every rank and merged, so they are exact over DP ranks.
+typed statistics (Mean = sum and count, Sum, Max, Ratio of two counts), gathered from every rank and merged by
+their type, so they are exact over DP ranks and micro-batches.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,17 +70,77 @@ def progress(iterable, desc: str, total: int | None = None, leave: bool = False)
                 mininterval=0.1 if sys.stderr.isatty() else 1.0)
 
 
+# Typed statistics: each says how it merges over micro-batches and ranks and what it reports.
+@dataclass
+class Mean:
+    total: float = 0.0
+    count: float = 0.0
+
+    def merge(self, other: Mean) -> None:
+        self.total, self.count = self.total + other.total, self.count + other.count
+
+    def result(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+@dataclass
+class Sum:
+    value: float = 0.0
+
+    def merge(self, other: Sum) -> None:
+        self.value += other.value
+
+    def result(self) -> float:
+        return self.value
+
+
+@dataclass
+class Max:
+    value: float = -math.inf
+
+    def merge(self, other: Max) -> None:
+        self.value = max(self.value, other.value)
+
+    def result(self) -> float:
+        return self.value
+
+
+@dataclass
+class Ratio:
+    """An exact ratio of two counts, each summed over micro-batches and ranks before dividing."""
+
+    num: float = 0.0
+    den: float = 0.0
+
+    def merge(self, other: Ratio) -> None:
+        self.num, self.den = self.num + other.num, self.den + other.den
+
+    def result(self) -> float:
+        return self.num / self.den if self.den else float("nan")
+
+
+def _merge(stats: dict, name: str, stat) -> None:
+    if name in stats:
+        stats[name].merge(stat)
+    else:
+        stats[name] = stat
+
+
 def _add(stats: dict, name: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     values = values.float()
     if mask is not None:
         values = values[mask]
-    total, count = stats.get(name, (0.0, 0.0))
-    stats[name] = (total + values.sum().item(), count + values.numel())
+    _merge(stats, name, Mean(values.sum().item(), values.numel()))
+
+
+# Token counts a policy loss reports per micro-batch -> (the exact ratio metric they make, numerator or denominator)
+_LOSS_COUNTS = {"n_clipped_pos": ("pos/clipfrac", "num"), "n_tokens_pos": ("pos/clipfrac", "den"),
+                "n_clipped_neg": ("neg/clipfrac", "num"), "n_tokens_neg": ("neg/clipfrac", "den")}
 
 
 def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int, *, shaper: str = "shaper",
                     correction=None, mismatch: bool = True) -> dict:
-    """(sum, count) statistics of this rank's rows, split by polarity (A > 0 positive, A < 0 negative).
+    """Typed statistics of this rank's rows, split by polarity (A > 0 positive, A < 0 negative).
     loss/pg_loss: the policy loss of a mini-batch (its micro-batch shares summed over micro-batches and DP
     ranks), averaged over the step's `num_updates` optimizer steps: independent of how batches are split.
     `weights`: the step shaper's token weights (None: no step shaper), `shaper` its name for the metric;
@@ -92,19 +156,19 @@ def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int, *,
         k3 = kl_penalty(exp.rollout_logprobs, exp.old_logprobs, "k3")  # KL(pi_rollout || pi_old) from its samples
         _add(stats, "mismatch/logp_abs_mean", log_r.abs(), mask)
         _add(stats, "mismatch/kl_k3", k3, mask)
-        stats["mismatch/logp_abs_max"] = (log_r.abs()[mask].max().item() if mask.any() else 0.0, "max")
+        stats["mismatch/logp_abs_max"] = Max(log_r.abs()[mask].max().item() if mask.any() else 0.0)
         prob_err = (exp.rollout_logprobs.exp() - exp.old_logprobs.exp()).abs()[mask]
-        stats["mismatch/prob_abs_max"] = (prob_err.max().item() if prob_err.numel() else 0.0, "max")
+        stats["mismatch/prob_abs_max"] = Max(prob_err.max().item() if prob_err.numel() else 0.0)
     if exp.ref_logprobs is not None:  # KL(pi_old || pi_ref) of the sampled tokens, before this step's updates
         _add(stats, "ref/kl_k3", kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k3"), mask)
     for name, sign in (("pos", 1), ("neg", -1)):
         rows = exp.polarity == sign
         row_tokens = mask & rows[:, None]
-        stats[f"{name}/count"] = (rows.sum().item(), "sum")
+        stats[f"{name}/count"] = Sum(rows.sum().item())
         if exp.old_entropy is not None:
             _add(stats, f"{name}/entropy", exp.old_entropy, row_tokens)
         _add(stats, f"{name}/length", lengths, rows)
-        stats[f"{name}/advantage_mass"] = ((exp.advantages * row_tokens).sum().item(), "sum")
+        stats[f"{name}/advantage_mass"] = Sum((exp.advantages * row_tokens).sum().item())
         if mismatch:
             _add(stats, f"{name}/mismatch_kl_k3", k3, row_tokens)
             _add(stats, f"{name}/mismatch_logp_abs_mean", log_r.abs(), row_tokens)
@@ -120,38 +184,25 @@ def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int, *,
     for out in loss_outputs:
         for key, value in out.items():
             if key == "pg_loss_share":
-                stats["loss/pg_loss"] = (stats.get("loss/pg_loss", (0.0,))[0] + value.item() / num_updates, "sum")
-            elif key.startswith("n_"):  # token counts: summed, then turned into exact ratios after the reduction
-                stats[key] = (stats.get(key, (0.0,))[0] + value.item(), "sum")
+                _merge(stats, "loss/pg_loss", Sum(value.item() / num_updates))
+            elif key in _LOSS_COUNTS:
+                metric, part = _LOSS_COUNTS[key]
+                _merge(stats, metric, Ratio(**{part: value.item()}))
             elif value.dim() == 0:
                 _add(stats, f"loss/{key}", value.reshape(1))
     return stats
 
 
-# ratio metric <- (numerator count, denominator count), both summed over micro-batches and ranks
-_COUNT_RATIOS = {"pos/clipfrac": ("n_clipped_pos", "n_tokens_pos"), "neg/clipfrac": ("n_clipped_neg", "n_tokens_neg")}
-
-
 def reduce_statistics(local: dict) -> dict:
-    """Merge every rank's (sum, count) / (value, "sum"|"max") into plain numbers."""
+    """Merge every rank's typed statistics (Mean / Sum / Max / Ratio) into plain numbers."""
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
     if dist.is_initialized():
         dist.all_gather_object(gathered, local)
     merged: dict = {}
     for stats in gathered:
-        for key, (value, count) in stats.items():
-            if count == "max":
-                merged[key] = (max(merged.get(key, (value,))[0], value), "max")
-            elif count == "sum":
-                merged[key] = (merged.get(key, (0.0,))[0] + value, "sum")
-            else:
-                total, n = merged.get(key, (0.0, 0.0))
-                merged[key] = (total + value, n + count)
-    out = {k: (v if isinstance(n, str) else (v / n if n else float("nan"))) for k, (v, n) in merged.items()}
-    for name, (num, den) in _COUNT_RATIOS.items():
-        if num in out and den in out:
-            out[name] = out[num] / out[den] if out[den] else float("nan")
-    return {k: v for k, v in out.items() if not k.startswith("n_")}
+        for key, stat in stats.items():
+            _merge(merged, key, copy.copy(stat))
+    return {key: stat.result() for key, stat in merged.items()}
 
 
 def batch_statistics(batch, rewards: torch.Tensor, n: int, overlong_penalty: torch.Tensor | None = None) -> dict:

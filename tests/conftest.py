@@ -4,6 +4,9 @@
 module-scoped fixtures, stay in one worker). Modules that start multi-process jobs are scheduled first, longest
 first, so the two workers finish at about the same time; the many second-long unit tests fill in at the end.
 Those modules' tests are marked `distributed`, the others `unit`: `make test-fast` runs `-m "not distributed"`.
+
+Helpers shared by several modules (training jobs under torchrun, their outputs, the tiny and paper-config runs,
+fake checkpoints) live in tests/helpers.py (`from helpers import ...`); no test module imports another.
 """
 
 from __future__ import annotations

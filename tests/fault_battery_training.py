@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from megatron_a3po import checkpoint_files  # noqa: E402
-from test_checkpoint_resume import TINY_RUN, rows, same, signal_job, start_job, stored_tensors, wait  # noqa: E402
+from helpers import TINY_RUN, rows, same, signal_job, start_job, stored_tensors, wait  # noqa: E402
 
 JOB = [*TINY_RUN, "--tiny-model", "qwen2", "--train-steps", "3", "--save-interval", "1",
        "--reward", "layout_reward:first_char_parity"]

@@ -5,7 +5,6 @@ circle in the algorithm library. In-process, no process group."""
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from megatron_a3po import algorithms as A
 from megatron_a3po import config as C
 from megatron_a3po.rl_config import RLConfig, resolve_algorithm
 from megatron_a3po.job import resolve_job
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BASE = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model", "qwen2"]
 
 

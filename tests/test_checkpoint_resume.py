@@ -10,89 +10,20 @@ resumed run must reproduce the uninterrupted run bitwise (metrics, weights and A
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import (EMULATED, REPO, fake_training_checkpoint, paper_run, rows, same, signal_job, start_job,
+                     stored_tensors, validate, wait)
 from megatron_a3po import checkpoint_files, checkpointing
 from megatron_a3po import config as C
-from megatron_a3po.models import megatron_ckpt, tiny
-from megatron_a3po.models.families import arch_from_hf_config
-from megatron_a3po.job import resolve_job
-
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-TINY_RUN = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--entropy-coef", "0.01", "--rollout-batch-size", "8",
-            "--ppo-mini-batch-size", "4", "--rollout-n", "4", "--micro-batch-size", "8", "--max-response-length", "6",
-            "--eval-prompts", "8", "--eval-n", "2", "--eval-interval", "0"]
-
-
-# The paper configs as tests run them: shrunk by one overlay, every GPU rule enforced by CUDA emulation; the
-# reward hook scores the first character's parity, so a random model gets mixed rewards (non-zero gradients).
-PAPER_FAMILIES = {"qwen3-8b-base_a3po.yaml": "qwen3", "qwen2.5-32b_a3po.yaml": "qwen2",
-                  "qwen2.5-math-7b_a3po.yaml": "qwen2", "r1-distill-qwen-7b_a3po.yaml": "qwen2"}
-EMULATED = {"A3PO_EMULATE_CUDA": "1", "A3PO_PROGRESS": "0",
-            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-
-
-def paper_run(config: str) -> list[str]:
-    """A paper config + the tiny overlay; its rollout TP capped at 2 (2 CPU ranks). Add --tiny-model FAMILY
-    (PAPER_FAMILIES) for a fresh start."""
-    import yaml
-
-    rollout_tp = yaml.safe_load((REPO / "configs" / config).read_text())["rl"]["rollout_tensor_parallel_size"]
-    return ["--config", str(REPO / "configs" / config), "--config", str(REPO / "configs/tests/tiny_paper.yaml"),
-            "--reward", "layout_reward:first_char_parity", "--rollout-tensor-parallel-size", str(min(rollout_tp, 2))]
-
-
-def start_job(args: list[str], log: Path, env: dict | None = None, base: list[str] = TINY_RUN) -> subprocess.Popen:
-    """The training job under torchrun (which starts each rank in a session of its own: see signal_job)."""
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "megatron_a3po.train", *base, *args],
-                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def signal_job(proc: subprocess.Popen, sig: int) -> None:
-    """Signal torchrun and every rank (torchrun's workers are not in its process group)."""
-    import psutil
-
-    processes = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    for p in processes:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-
-
-def wait(proc: subprocess.Popen, log: Path, timeout: float = 400) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        signal_job(proc, signal.SIGKILL)
-        pytest.fail(f"job timed out; log:\n{log.read_text()[-4000:]}")
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def stored_tensors(ckpt: Path, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = tmp / f"{ckpt.parent.parent.name}_{ckpt.name}.pt"
-    dcp_to_torch_save(str(ckpt), str(target))
-    return torch.load(target, weights_only=False)
-
-
-def same(a, b) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+from megatron_a3po.models import megatron_ckpt
 
 
 def test_exact_resume_after_sigkill(tmp_path):
@@ -187,27 +118,6 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 # ---- refusals (no process group) --------------------------------------------------------------------------
-
-
-def fake_training_checkpoint(path: Path, family: str = "qwen2", step: int = 2) -> Path:
-    """A training checkpoint's metadata without tensors: enough for everything resolve_job checks."""
-    path.mkdir(parents=True)
-    hf_cfg = tiny.hf_config(family).to_dict()
-    megatron_ckpt.CheckpointMeta(arch=arch_from_hf_config(hf_cfg), hf_config=hf_cfg, dtype="float32",
-                                 padded_vocab_size=128, make_vocab_size_divisible_by=64).write(path)
-    (path / "metadata.json").write_text("{}")
-    (path / ".metadata").write_bytes(b"")
-    cfg, _ = C.parse_args(["--tiny-model", family] + TINY_RUN[2:])
-    (path / checkpointing.MARKER).write_text(json.dumps({
-        "format": checkpointing.FORMAT, "version": 1, "step": step, "config": cfg.to_dict(),
-        "layout": {"world_size": 2, "tp": 2, "pp": 1, "vpp": None, "cp": 1}}))
-    return path
-
-
-def validate(args: list[str]):
-    cfg, _ = C.parse_args(TINY_RUN + args)
-    cfg = resolve_job(cfg, 2).cfg
-    return cfg
 
 
 def test_load_dir_that_is_no_checkpoint_is_refused(tmp_path):

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 REQUIREMENTS = (REPO / "launch/docker/requirements-gpu.txt").read_text().splitlines()
 

@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-from megatron_a3po.spawn import run_in_ranks
-
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 

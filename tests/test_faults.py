@@ -15,7 +15,7 @@ from megatron_a3po import checkpointing
 from megatron_a3po import config as C
 from megatron_a3po.metrics import read_jsonl, trim_metrics
 from megatron_a3po.job import resolve_job
-from test_train_cli import BASE
+from helpers import BASE
 
 # Each of these passed validation before (most reached the trainer: nan learning rates train on nothing, a VPP
 # stage of 0 layers died with ZeroDivisionError, 0 generation rounds generated forever).
@@ -278,7 +278,7 @@ def test_a_second_run_into_the_same_directories_is_refused(tmp_path):
 
 def test_resuming_under_another_algorithm_is_refused(tmp_path):
     """A DAPO baseline resumed from an A3PO run's checkpoint used to continue with a warning."""
-    from test_checkpoint_resume import fake_training_checkpoint, validate
+    from helpers import fake_training_checkpoint, validate
 
     fake_training_checkpoint(tmp_path / "save" / "step_000002")
     with pytest.raises(C.ConfigError, match=r"another algorithm or model setup \(rl.algorithm: checkpoint 'a3po', "

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from megatron_a3po import checkpointing
-from test_checkpoint_resume import EMULATED, paper_run, rows, signal_job, start_job, stored_tensors, wait
-from test_paper_configs import assert_first_rl_step
+from helpers import EMULATED, assert_first_rl_step, paper_run, rows, signal_job, start_job, stored_tensors, wait
 
 PAPER = paper_run("qwen2.5-32b_a3po.yaml")
 

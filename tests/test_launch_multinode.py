@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+from megatron_a3po.parallel import free_port
+
 NODE_SH = REPO / "launch/node.sh"
 TINY_2_STEPS = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model", "qwen2",
                 "--tensor-model-parallel-size", "1", "--train-steps", "2", "--rollout-batch-size", "8",
@@ -30,12 +31,6 @@ DYNAMIC = ["--reward", "layout_reward:first_char_parity", "--dynamic-sampling", 
 ICEPOP_C = 1.002
 HOOK_AND_MISMATCH = ["--config", str(REPO / "examples/hooks/entropy_boost.yaml"), "--rollout-dtype", "bfloat16",
                      "--rollout-correction", "icepop", "--rollout-correction-threshold", str(ICEPOP_C)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def node_env(rank: int, port: int, **extra: str) -> dict:

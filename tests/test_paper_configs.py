@@ -11,10 +11,8 @@ under CUDA emulation (the GPU's device and NCCL rules enforced on CPU).
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +21,8 @@ import yaml
 
 from megatron_a3po import config as C
 from megatron_a3po.job import resolve_job
-from test_checkpoint_resume import EMULATED, PAPER_FAMILIES, paper_run, rows
+from helpers import EMULATED, PAPER_FAMILIES, REPO, TORCHRUN, assert_first_rl_step, paper_run, rows
 
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA emulation is for machines without CUDA")
 
 
@@ -53,17 +49,6 @@ def test_overlay_shrinks_sizes_and_keeps_the_flags(config):
     for key in ("a3po_ratio", "a3po_rho_pos", "a3po_alpha_pos", "a3po_rho_neg", "a3po_alpha_neg"):
         assert getattr(cfg.rl, key) == paper["rl"][key], key
     assert cfg.model.hf_path is None and cfg.rl.max_response_length <= 8  # only sizes and data changed
-
-
-def assert_first_rl_step(step: dict) -> None:
-    """A paper config's first RL step (tiny, emulated, packed) trained on a real policy gradient."""
-    assert step["step"] == 1 and step["train/skipped_updates"] == 0
-    assert math.isfinite(step["train/grad_norm"]) and step["train/grad_norm"] > 0
-    assert step["pos/count"] > 0 and step["neg/count"] > 0  # mixed rewards: a real policy gradient
-    assert step["mismatch/logp_abs_mean"] < 0.05  # vLLM (bf16) vs Megatron (bf16) after refit
-    assert step["sync/host_syncs"] > 0  # counted under emulation (each one stalls a GPU stream)
-    assert step["train/computed_tokens"] <= 1.1 * step["train/real_tokens"]  # packed (THD), SP-padded packs
-    assert step["train/dp_imbalance"] == 1.0  # TP=2 on 2 ranks: DP=1
 
 
 def test_first_rl_step_under_emulation(tmp_path):

@@ -5,7 +5,6 @@ every paper config for 16 x H200."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,8 @@ from megatron_a3po import config as C
 from megatron_a3po import planner as P
 from megatron_a3po.cli import a3po
 from megatron_a3po.models.families import arch_from_hf_config
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)

@@ -7,26 +7,20 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
+from megatron_a3po.parallel import free_port
 from megatron_a3po.preflight import check
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model", "qwen2"]
 
 
 def env(**values: str) -> dict:
     base = {"NNODES": "1", "NODE_RANK": "0", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port())}
+            "MASTER_PORT": str(free_port())}
     return {**base, **values}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_good_launch_passes(tmp_path):

@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from megatron_a3po.rewards import (RewardError, WorkerPool, check_reward_fn, get_default_pool, get_reward_fn,
                                    score_batch)
 
-REPO = Path(__file__).resolve().parents[1]
 MISSING = "raise ModuleNotFoundError(\"No module named 'math_verify'\", name='math_verify')\n"
 DIES = "import os\nos._exit(3)\n"
 
@@ -40,6 +39,7 @@ def _halves(first: int, n: int) -> tuple[list[str], list[str], list[float]]:
 # Mid-batch, a thread signals each worker and the whole process group, as SLURM or Ctrl-C would.
 TRAINER = r"""
 import json, os, signal, sys, threading, time
+from helpers import REPO
 from megatron_a3po.rewards import WorkerPool, score_batch
 
 received = []
@@ -134,6 +134,7 @@ def test_one_crash_and_a_timeout_in_a_batch_score_as_wrong(tmp_path, monkeypatch
     # The first worker to import math_verify takes the token and dies; later ones get the real package.
     _fake_math_verify(tmp_path, monkeypatch, f"""
 import importlib, os, sys
+from helpers import REPO
 try:
     os.remove({str(token)!r})
 except FileNotFoundError:

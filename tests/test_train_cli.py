@@ -10,9 +10,8 @@ import pytest
 from megatron_a3po import config as C
 from megatron_a3po.models.known_archs import PAPER_MODELS
 from megatron_a3po.job import resolve_job
+from helpers import BASE, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = ["--tiny-model", "qwen2", "--micro-batch-size", "8"]
 
 INVALID_RL = [
     (["--algorithm", "ppo_plus"], 2, "--algorithm 'ppo_plus' is unknown"),

@@ -10,17 +10,14 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
-from test_checkpoint_resume import rows, stored_tensors
+from helpers import REPO, TORCHRUN, rows, stored_tensors
 
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 RUN = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--reward", "layout_reward:first_char_parity",
        "--rollout-batch-size", "8", "--ppo-mini-batch-size", "4", "--rollout-n", "4", "--micro-batch-size", "8",
        "--max-response-length", "6", "--eval-prompts", "4", "--eval-n", "2", "--eval-interval", "0",

@@ -10,16 +10,14 @@ each group has a positive and a negative advantage; its token ids and log-probs 
 from __future__ import annotations
 
 import math
-import socket
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS, N = 2, 2  # rollout batch: 2 prompts x 2 responses
 FLAGS = ["--config", str(REPO / "configs/tiny_cpu.yaml"), "--tiny-model", "qwen2", "--tensor-model-parallel-size", "1",
          "--rollout-batch-size", str(PROMPTS), "--rollout-n", str(N), "--ppo-mini-batch-size", str(PROMPTS),
@@ -66,12 +64,6 @@ class FakeEngine:
         self.refits.append({name: t.detach().clone() for name, t in weights})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Process groups (1 rank, gloo), the policy, data and reward: built once; torn down after the module."""
@@ -95,7 +87,7 @@ def parts(tmp_path_factory):
             for name, rows, offset in (("train_data", 64, 0), ("eval_data", rl.eval_prompts, 99991))}
     with pytest.MonkeyPatch.context() as env:  # the torchrun variables of a 1-rank job, restored afterwards
         env.setenv("RANK", "0"), env.setenv("LOCAL_RANK", "0"), env.setenv("WORLD_SIZE", "1")
-        env.setenv("MASTER_ADDR", "127.0.0.1"), env.setenv("MASTER_PORT", str(_free_port()))
+        env.setenv("MASTER_ADDR", "127.0.0.1"), env.setenv("MASTER_PORT", str(parallel.free_port()))
         env.setenv("A3PO_PROGRESS", "0"), env.delenv("A3PO_EMULATE_CUDA", raising=False)
         parallel.init_model_parallel(parallel.ParallelSizes(), seed=seed)
         try:
