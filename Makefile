@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV_STAMP := .venv/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo faults setup clean docker-check docker-requirements
+.PHONY: test test-fast demo compare faults setup clean docker-check docker-requirements
 
 $(VENV_STAMP): pyproject.toml uv.lock launch/setup_env.sh
 	bash launch/setup_env.sh
@@ -23,6 +23,13 @@ test-fast: $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
 	bash launch/demo.sh
+
+# The polarity study (`a3po compare` with its defaults: psr,nsr,dapo,a3po x seeds 1,2 from the embedded warm start)
+# into runs/compare: compare.png, compare.md, compare.json. Resumable: finished runs are skipped on a rerun.
+# COMPARE_ARGS adds flags (e.g. COMPARE_ARGS="--seeds 1,2,3 --train-steps 30").
+COMPARE_ARGS ?=
+compare: $(VENV_STAMP)
+	.venv/bin/a3po compare --output runs/compare $(COMPARE_ARGS)
 
 # The training fault battery: a real 2-rank job SIGKILLed at 10 random moments, each resumed and compared bitwise
 # with an uninterrupted run (~2-3 minutes per point on 2 cores; the save protocol's kill points are in make test).

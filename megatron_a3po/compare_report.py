@@ -4,7 +4,8 @@ metrics.jsonl (OUTPUT/runs/<name>_s<seed>/).
 Per algorithm, over seeds: early entropy (mean of the first 20% of RL steps) and late entropy (last 20%), their
 ratio, final validation avg@k / pass@k (the evaluation after the last step), response length early / late; then
 the paper's qualitative claims, each marked holds / does not hold here (or not evaluated, when its algorithms
-were not run). "Same data": the runs of one seed share their first rollout (the policy is still the warm start
+were not run), from the means over seeds, noting when the deciding difference is within the seeds' spread (the
+two standard deviations together). "Same data": the runs of one seed share their first rollout (the policy is still the warm start
 then), which they do only when prompts and rollout seeds are the same.
 """
 
@@ -100,6 +101,15 @@ def _mean(table: dict, name: str, key: str) -> float | None:
     return entry["mean"] if entry else None
 
 
+def _within_spread(table: dict, a: str, b: str, key: str) -> str:
+    """A note when two algorithms' means differ by less than their seeds' standard deviations together."""
+    ea, eb = table[a][key], table[b][key]
+    if len(ea["values"]) < 2 or len(eb["values"]) < 2:
+        return "; one seed: no spread to judge by"
+    close = abs(ea["mean"] - eb["mean"]) <= ea["std"] + eb["std"]
+    return f"; {a} vs {b} is within the seeds' spread (std {ea['std']:.3f} + {eb['std']:.3f})" if close else ""
+
+
 def check_claims(table: dict) -> list[dict]:
     """The paper's qualitative claims against this study's means over seeds."""
     def extreme(target: str, key: str, lowest: bool) -> tuple[str, str]:
@@ -108,16 +118,17 @@ def check_claims(table: dict) -> list[dict]:
         mine = _mean(table, target, key)
         if mine is None or not others:
             return "not evaluated", f"needs {target} and at least one other algorithm"
-        best = min(others.values()) if lowest else max(others.values())
-        holds = mine <= best if lowest else mine >= best
+        rival = (min if lowest else max)(others, key=others.get)
+        holds = mine <= others[rival] if lowest else mine >= others[rival]
         listing = ", ".join(f"{n} {v:.3f}" for n, v in sorted({target: mine, **others}.items(), key=lambda kv: kv[1]))
-        return ("holds" if holds else "does not hold"), f"{key}: {listing}"
+        return ("holds" if holds else "does not hold"), f"{key}: {listing}" + _within_spread(table, target, rival, key)
 
     def pair(a: str, b: str, key: str) -> tuple[str, str]:
         va, vb = _mean(table, a, key), _mean(table, b, key)
         if va is None or vb is None:
             return "not evaluated", f"needs {a} and {b}"
-        return ("holds" if va >= vb else "does not hold"), f"{key}: {a} {va:.3f} vs {b} {vb:.3f}"
+        return ("holds" if va >= vb else "does not hold"), (f"{key}: {a} {va:.3f} vs {b} {vb:.3f}"
+                                                            + _within_spread(table, a, b, key))
 
     claims = [("PSR's entropy falls fastest (lowest late/early entropy ratio)", extreme("psr", "entropy_ratio", True)),
               ("NSR keeps the highest late entropy", extreme("nsr", "entropy_late", False)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +151,10 @@ def resolve_job(cfg: C.Config, world_size: int, *, rl: bool = True) -> Job:
     warnings: list[str] = []
     if resume_state is not None:
         warnings = _check_resume(cfg, resume_dir, resume_state)
+        if os.environ.get("RANK", "0") == "0":
+            for warning in warnings:
+                print(f"warning: resuming with a changed setting ({warning}); the resumed run is not an exact "
+                      "continuation", file=sys.stderr)
     C.validate(cfg, world_size=world_size, arch=model.arch)
     return Job(cfg, layout_of(cfg, world_size, model.arch.num_layers), model, resume_dir, resume_state,
                tuple(warnings))

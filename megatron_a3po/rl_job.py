@@ -26,6 +26,8 @@ def main(job) -> int:
         return report(err)
     try:
         return run(job)
+    except UserError as err:  # mid-run (a full disk at a save, rewards that cannot be trusted): one line per rank
+        return report(err, f"error (rank {parallel.rank()})")
     finally:
         lock.release()
 

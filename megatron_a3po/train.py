@@ -7,7 +7,6 @@ exists, then run it on the ranks (rl_job.py). `--dry-run` prints the resolved co
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from megatron_a3po import config as C
@@ -21,10 +20,6 @@ def main(argv: list[str] | None = None) -> int:
         job = resolve_job(cfg, world_size_from_env())
     except UserError as err:
         return report(err, "config error")
-    if os.environ.get("RANK", "0") == "0":
-        for warning in job.resume_warnings:
-            print(f"warning: resuming with a changed setting ({warning}); the resumed run is not an exact "
-                  "continuation", file=sys.stderr)
     if args.dry_run:
         print(json.dumps(job.cfg.to_dict(), indent=2, default=str))
         print(job.describe())

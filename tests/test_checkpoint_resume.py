@@ -122,13 +122,13 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 def test_load_dir_that_is_no_checkpoint_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(C.ConfigError, match="neither a training checkpoint .* nor a converted checkpoint"):
+    with pytest.raises(checkpointing.CheckpointError, match="neither a training checkpoint .* nor a converted checkpoint"):
         validate(["--load", str(tmp_path / "empty")])
     (tmp_path / "save" / ".tmp_step_000002").mkdir(parents=True)
-    with pytest.raises(C.ConfigError, match=r"only holds interrupted saves \['.tmp_step_000002'\]"):
+    with pytest.raises(checkpointing.CheckpointError, match=r"only holds interrupted saves \['.tmp_step_000002'\]"):
         validate(["--load", str(tmp_path / "save")])
     (tmp_path / "save" / "latest").write_text("step_000009\n")
-    with pytest.raises(C.ConfigError, match="names 'step_000009', which is not a complete training checkpoint"):
+    with pytest.raises(checkpointing.CheckpointError, match="names 'step_000009', which is not a complete training checkpoint"):
         validate(["--load", str(tmp_path / "save")])
 
 
@@ -138,13 +138,13 @@ def test_load_follows_latest_and_checks_the_model(tmp_path, capsys):
     cfg = validate(["--load", str(tmp_path / "save"), "--train-steps", "4"])
     assert cfg.training.load == str(tmp_path / "save" / "step_000002")
     validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--tiny-model", "qwen2"])  # same model: fine
-    with pytest.raises(C.ConfigError, match="holds a different model: family: .*Drop --tiny-model"):
+    with pytest.raises(checkpointing.CheckpointError, match="holds a different model: family: .*Drop --tiny-model"):
         validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--tiny-model", "llama"])
-    with pytest.raises(C.ConfigError, match="already reaches --train-steps 2; raise --train-steps"):
+    with pytest.raises(checkpointing.CheckpointError, match="already reaches --train-steps 2; raise --train-steps"):
         validate(["--load", str(tmp_path / "save"), "--train-steps", "2"])
     capsys.readouterr()
     validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--seed", "7"])
     assert "training.seed: checkpoint 1234, now 7" in capsys.readouterr().err
     (tmp_path / "save" / "step_000002" / checkpointing.MARKER).write_text('{"format": "other"}')
-    with pytest.raises(C.ConfigError, match="not a training checkpoint"):
+    with pytest.raises(checkpointing.CheckpointError, match="not a training checkpoint"):
         validate(["--load", str(tmp_path / "save" / "step_000002"), "--train-steps", "4"])

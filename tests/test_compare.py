@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from megatron_a3po.models.tiny import write_tiny_hf_checkpoint
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["dapo", "a3po"]
 CLAIMS = ["PSR's entropy falls fastest", "NSR keeps the highest late entropy", "A3PO's early entropy >= DAPO's",
           "A3PO's final validation avg@k >= DAPO's"]

@@ -131,6 +131,6 @@ def test_layer_spec_selection_on_this_machine():
 
 
 def test_vocab_padding():
-    assert builder.padded_vocab_size(151936, 128, 1) == 151936
-    assert builder.padded_vocab_size(151936, 128, 2) == 152064
-    assert builder.padded_vocab_size(100, 64, 2) == 128
+    assert families.padded_vocab_size(151936, 128, 1) == 151936
+    assert families.padded_vocab_size(151936, 128, 2) == 152064
+    assert families.padded_vocab_size(100, 64, 2) == 128

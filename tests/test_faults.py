@@ -281,7 +281,7 @@ def test_resuming_under_another_algorithm_is_refused(tmp_path):
     from helpers import fake_training_checkpoint, validate
 
     fake_training_checkpoint(tmp_path / "save" / "step_000002")
-    with pytest.raises(C.ConfigError, match=r"another algorithm or model setup \(rl.algorithm: checkpoint 'a3po', "
+    with pytest.raises(checkpointing.CheckpointError, match=r"another algorithm or model setup \(rl.algorithm: checkpoint 'a3po', "
                                             r"now 'dapo'\).*--allow-config-change"):
         validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--algorithm", "dapo"])
     validate(["--load", str(tmp_path / "save"), "--train-steps", "4", "--algorithm", "dapo", "--allow-config-change"])

@@ -39,7 +39,6 @@ def _halves(first: int, n: int) -> tuple[list[str], list[str], list[float]]:
 # Mid-batch, a thread signals each worker and the whole process group, as SLURM or Ctrl-C would.
 TRAINER = r"""
 import json, os, signal, sys, threading, time
-from helpers import REPO
 from megatron_a3po.rewards import WorkerPool, score_batch
 
 received = []
@@ -134,7 +133,6 @@ def test_one_crash_and_a_timeout_in_a_batch_score_as_wrong(tmp_path, monkeypatch
     # The first worker to import math_verify takes the token and dies; later ones get the real package.
     _fake_math_verify(tmp_path, monkeypatch, f"""
 import importlib, os, sys
-from helpers import REPO
 try:
     os.remove({str(token)!r})
 except FileNotFoundError:
