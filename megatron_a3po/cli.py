@@ -25,6 +25,7 @@ def a3po(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="per-GPU memory plan of a config on a GPU cluster (a3po plan --help)")
     sub.add_parser("eval", help="evaluate an HF checkpoint on benchmarks (a3po eval --help)")
+    sub.add_parser("compare", help="algorithms x seeds from one warm start -> compare.png/md/json (a3po compare --help)")
     plot = sub.add_parser("plot", help="write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir")
     args = parser.parse_args(argv)
