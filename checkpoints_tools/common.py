@@ -164,7 +164,7 @@ def atomic_output_dir(output: Path, launcher: Launcher | None = None):
         os.replace(tmp, output)
 
 
-def parse_dtype(name: str | None):
+def dtype_flag(name: str | None):
     """--dtype (None: keep the source's) as a torch dtype; a ConvertError naming the choices otherwise."""
     from megatron_a3po import dtypes
 
@@ -190,7 +190,7 @@ def check_parallel_sizes(arch, tp: int, pp: int) -> None:
         raise ConvertError(str(err)) from None
 
 
-def build_model(arch, tp: int, pp: int, dtype, padded_vocab: int) -> list:
+def build_sharded_model(arch, tp: int, pp: int, dtype, padded_vocab: int) -> list:
     """Model-parallel groups + this rank's GPTModel chunk(s), uninitialised (every parameter is loaded next).
 
     The local (non-Transformer-Engine) layer spec: its sharded-state-dict keys are the TE ones, so the

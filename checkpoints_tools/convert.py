@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints_tools.common import (ConvertError, Launcher, atomic_output_dir, build_model, check_output_dir,
-                                      check_parallel_sizes, gib, max_over_ranks, parse_dtype,
+from checkpoints_tools.common import (ConvertError, Launcher, atomic_output_dir, build_sharded_model,
+                                      check_output_dir, check_parallel_sizes, dtype_flag, gib, max_over_ranks,
                                       peak_rss_bytes, progress)
 from megatron_a3po.dtypes import dtype_name
 from megatron_a3po.errors import UserError, report
@@ -75,7 +75,7 @@ def _hf_to_megatron_rank(hf_path: str, out_dir: str, tp: int, pp: int, dtype_str
     from megatron_a3po.models.hf_io import HFWeights
 
     arch, _ = load_hf_arch(hf_path)
-    chunks = build_model(arch, tp, pp, parse_dtype(dtype_str), padded_vocab)
+    chunks = build_sharded_model(arch, tp, pp, dtype_flag(dtype_str), padded_vocab)
     main = parallel.rank() == 0
     bar = progress(len(hf_mapping.hf_tensor_specs(arch)) if pp == 1 else None, "read HF", show_progress and main)
     with HFWeights(hf_path) as weights, bar:
@@ -106,7 +106,7 @@ def hf_to_megatron(args) -> int:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     arch, hf_config, weights = _open_hf(hf_path)
     with weights:
-        dtype = parse_dtype(args.dtype) or weights.dominant_dtype()
+        dtype = dtype_flag(args.dtype) or weights.dominant_dtype()
         total_bytes = weights.total_bytes()
     check_parallel_sizes(arch, tp, pp)
     check_output_dir(output, args.overwrite, [hf_path])
@@ -141,9 +141,9 @@ def _megatron_to_hf_rank(ckpt: str, out_dir: str, tp: int, pp: int, dtype_str: s
     from megatron_a3po.models.hf_io import ShardedSafetensorsWriter
 
     meta = megatron_ckpt.read_meta(ckpt)
-    arch, dtype = meta.arch, parse_dtype(dtype_str)
+    arch, dtype = meta.arch, dtype_flag(dtype_str)
     padded = megatron_ckpt.load_padded_vocab(meta, tp)
-    chunks = build_model(arch, tp, pp, parse_dtype(meta.dtype), padded)
+    chunks = build_sharded_model(arch, tp, pp, dtype_flag(meta.dtype), padded)
     start = time.perf_counter()
     megatron_ckpt.load_model(chunks, ckpt, arch)
     load_seconds = time.perf_counter() - start
@@ -182,7 +182,7 @@ def megatron_to_hf(args) -> int:
     ckpt, output = Path(args.megatron_path), Path(args.output)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     meta = megatron_ckpt.read_meta(ckpt)
-    dtype = parse_dtype(args.dtype) or parse_dtype(meta.dtype)
+    dtype = dtype_flag(args.dtype) or dtype_flag(meta.dtype)
     try:
         max_shard = parse_size(args.max_shard_size)
     except ValueError as err:

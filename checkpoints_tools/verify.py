@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from checkpoints_tools.common import ConvertError, Launcher, build_model, check_parallel_sizes, parse_dtype
+from checkpoints_tools.common import ConvertError, Launcher, build_sharded_model, check_parallel_sizes, dtype_flag
 from megatron_a3po.dtypes import dtype_name
 
 EXIT_ABOVE_TOLERANCE = 3
@@ -50,7 +50,7 @@ def _megatron_logits_rank(ckpt: str, tp: int, pp: int, tokens, dtype_str: str):
     meta = megatron_ckpt.read_meta(ckpt)
     arch = meta.arch
     padded = megatron_ckpt.load_padded_vocab(meta, tp)
-    chunks = build_model(arch, tp, pp, parse_dtype(dtype_str), padded)
+    chunks = build_sharded_model(arch, tp, pp, dtype_flag(dtype_str), padded)
     megatron_ckpt.load_model(chunks, ckpt, arch)
     for chunk in chunks:
         chunk.eval()
@@ -107,7 +107,7 @@ def verify(args) -> int:
     check_parallel_sizes(meta.arch, tp, pp)
     if args.seq_length > meta.arch.max_position_embeddings or args.seq_length < 1 or args.batch_size < 1:
         raise ConvertError(f"--seq-length must be in 1..{meta.arch.max_position_embeddings} and --batch-size >= 1")
-    dtype = parse_dtype(args.dtype)
+    dtype = dtype_flag(args.dtype)
     launcher = Launcher(tp, pp)
     tokens = sample_tokens(meta.arch.vocab_size, args.batch_size, args.seq_length, args.seed)
     reference = hf_logits(str(hf_path), tokens, dtype) if launcher.is_main else None

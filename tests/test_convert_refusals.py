@@ -208,9 +208,9 @@ def test_bad_dtype_and_usage():
         main(["hf-to-megatron", "--hf-path", "x", "--output", "y", "--dtype", "int8"])
     assert exc.value.code == 2
     with pytest.raises(ConvertError):
-        from checkpoints_tools.common import parse_dtype
+        from checkpoints_tools.common import dtype_flag
 
-        parse_dtype("fp8")
+        dtype_flag("fp8")
 
 
 def _refuse_in_rank():
