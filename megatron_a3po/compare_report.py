@@ -5,8 +5,8 @@ Per algorithm, over seeds: early entropy (mean of the first 20% of RL steps) and
 ratio, final validation avg@k / pass@k (the evaluation after the last step), response length early / late; then
 the paper's qualitative claims, each marked holds / does not hold here (or not evaluated, when its algorithms
 were not run), from the means over seeds, noting when the deciding difference is within the seeds' spread (the
-two standard deviations together). "Same data": the runs of one seed share their first rollout (the policy is still the warm start
-then), which they do only when prompts and rollout seeds are the same.
+two standard deviations together). "Same data": the runs of one seed drew the same prompts at every step (the
+trainer logs `data/prompt_digest`, a digest of the dataset indices each step drew).
 """
 
 from __future__ import annotations
@@ -137,12 +137,19 @@ def check_claims(table: dict) -> list[dict]:
     return [{"claim": c, "verdict": v, "detail": d} for c, (v, d) in claims]
 
 
+def _data_signature(rows: dict) -> tuple:
+    """The prompts a run drew: the trainer's per-step digest of the drawn dataset indices (older runs: the first
+    rollout's statistics)."""
+    digests = tuple(row["data/prompt_digest"] for _, row in sorted(rows.items()) if "data/prompt_digest" in row)
+    return digests or tuple(rows.get(1, {}).get(k) for k in SAME_DATA_KEYS)
+
+
 def same_data(runs: dict, seeds: list[int]) -> dict[int, bool | None]:
-    """Per seed: do all its runs share the first rollout's statistics (None: fewer than two runs)?"""
+    """Per seed: did all its runs draw the same prompts at every step (None: fewer than two runs)?"""
     out = {}
     for seed in seeds:
-        firsts = [tuple(r.get(1, {}).get(k) for k in SAME_DATA_KEYS) for r in (s.get(seed) for s in runs.values()) if r]
-        out[seed] = None if len(firsts) < 2 else len(set(firsts)) == 1
+        signatures = [_data_signature(r) for r in (s.get(seed) for s in runs.values()) if r]
+        out[seed] = None if len(signatures) < 2 else len(set(signatures)) == 1
     return out
 
 
@@ -172,7 +179,7 @@ def markdown(table: dict, claims: list[dict], data: dict, settings: dict, missin
     checked = {s: v for s, v in data.items() if v is not None}
     if checked:
         verdicts = ", ".join(f"seed {s}: {'yes' if v else 'NO'}" for s, v in checked.items())
-        lines += ["", f"Same data per seed (identical first rollouts across algorithms): {verdicts}."]
+        lines += ["", f"Same data per seed (the same prompts drawn at every step by every algorithm): {verdicts}."]
     if missing:
         lines += ["", f"Not finished, left out: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"

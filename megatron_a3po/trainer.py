@@ -11,6 +11,7 @@ everything else (parallel state, the model, vLLM, algorithms, data, metrics) liv
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from contextlib import contextmanager
 
@@ -188,8 +189,11 @@ class RLTrainer:
         keeper = DynamicSampler(self.rl.rollout_batch_size, self.rl.max_num_gen_batches) \
             if self.rl.dynamic_sampling else None
         generated = correct = 0
+        drawn = hashlib.sha256()  # which prompts this step drew: runs that must see the same data can compare it
         for round_ in itertools.count():
-            items = [self.train_data[i] for i in self.sampler.next_indices(self.rl.rollout_batch_size)]
+            indices = self.sampler.next_indices(self.rl.rollout_batch_size)
+            drawn.update(repr(list(indices)).encode())
+            items = [self.train_data[i] for i in indices]
 
             def score(prompt_indices: list[int], responses: list[list[int]]) -> list[float]:
                 with timer("reward"):  # each rank scores its share only; the rewards come back with the batch
@@ -202,7 +206,7 @@ class RLTrainer:
             penalties = self.overlong_penalties(batch)
             rewards = batch.rewards if penalties is None else batch.rewards + penalties
             if keeper is None:
-                return batch, rewards, {}
+                return batch, rewards, {"data/prompt_digest": _digest(drawn)}
             generated, correct = generated + len(rewards), correct + int((rewards > 0).sum())
             keeper.add(rewards.view(-1, n).tolist(), [(batch, g, rewards[g * n:(g + 1) * n]) for g in range(len(items))])
             if keeper.done:
@@ -212,6 +216,7 @@ class RLTrainer:
         metrics["dynamic/generated_accuracy"] = correct / generated
         usable = len(kept) // self.rl.ppo_mini_batch_size * self.rl.ppo_mini_batch_size
         metrics["dynamic/trained_prompts"] = float(usable)
+        metrics["data/prompt_digest"] = _digest(drawn)
         if usable < len(kept) and parallel.is_rank0():
             print(f"warning: step {step}: dynamic sampling kept {len(kept)} of {self.rl.rollout_batch_size} prompt "
                   f"groups in {stats['rounds']} rounds (--max-num-gen-batches); training on {usable}. Raise "
@@ -247,3 +252,7 @@ class RLTrainer:
             self.logger.log(step, result)
         return result
 
+
+def _digest(hash_) -> float:
+    """48 bits of a hash as a float (exact in float64, so it survives the JSON metrics row)."""
+    return float(int(hash_.hexdigest()[:12], 16))

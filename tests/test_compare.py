@@ -84,6 +84,10 @@ def test_both_runs_saw_the_same_prompts(study):
     for key in ("reward/mean", "response/length_mean", "response/length_max", "pos/count", "entropy"):
         assert firsts[0][key] == pytest.approx(firsts[1][key], abs=1e-6), key
     assert json.loads((out / "compare.json").read_text())["same_data"] == {"1": True}
+    # 3. Every step drew the same prompts (the trainer logs a digest of the dataset indices each step drew).
+    digests = [[json.loads(line)["data/prompt_digest"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if "data/prompt_digest" in line] for run in runs]
+    assert len(digests[0]) == 2 and digests[0] == digests[1], digests
 
 
 def test_rerun_skips_finished_runs(study):
