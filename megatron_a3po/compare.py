@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from megatron_a3po.errors import ConfigError, report
+from megatron_a3po.errors import ConfigError, UserError, report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
@@ -35,10 +35,6 @@ DEFAULT_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 OWN_FLAGS = ("--algorithm", "--seed", "--train-steps", "--output-dir", "--save", "--export-hf", "--save-interval",
              "--keep-last-checkpoints")
 SFT_SEED = 1234  # the embedded warm start's seed (as make demo): one warm start for every run and seed
-
-
-class InputError(ConfigError):
-    """Bad command-line input: exit code 2 with this one-line message (errors.report)."""
 
 
 # The default study's task: level 1 (single-digit addition), whose embedded warm start (60 SFT steps, as make demo)
@@ -84,7 +80,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, extra = p.parse_known_args(argv)
     for flag in extra:
         if flag.split("=", 1)[0] in OWN_FLAGS:
-            raise InputError(f"{flag.split('=', 1)[0]} is set by a3po compare per run; use --algorithms / --seeds "
+            raise ConfigError(f"{flag.split('=', 1)[0]} is set by a3po compare per run; use --algorithms / --seeds "
                              "/ --train-steps / --output / --save-interval instead")
     return args, extra
 
@@ -100,13 +96,13 @@ def parse_items(text: str) -> dict[str, list[str]]:
             name, flags = item, ["--algorithm", item]
         elif item.endswith((".yaml", ".yml")):
             if not Path(item).is_file():
-                raise InputError(f"--algorithms: config overlay {item} does not exist")
+                raise ConfigError(f"--algorithms: config overlay {item} does not exist")
             name, flags = Path(item).stem, ["--config", str(Path(item).resolve())]
         else:
-            raise InputError(f"--algorithms: unknown algorithm {item!r}; use presets ({', '.join(PRESETS)}) or "
+            raise ConfigError(f"--algorithms: unknown algorithm {item!r}; use presets ({', '.join(PRESETS)}) or "
                              "config overlay .yaml files")
         if name in items:
-            raise InputError(f"--algorithms: {name!r} given twice")
+            raise ConfigError(f"--algorithms: {name!r} given twice")
         items[name] = flags
     return items
 
@@ -115,9 +111,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
-        raise InputError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise InputError(f"--seeds {text!r}: seeds must be distinct integers >= 0")
+        raise ConfigError(f"--seeds {text!r}: seeds must be distinct integers >= 0")
     return seeds
 
 
@@ -128,18 +124,18 @@ class Study:
         for flag, value in (("--train-steps", args.train_steps), ("--nproc-per-node", args.nproc_per_node),
                             ("--jobs", args.jobs), ("--save-interval", args.save_interval)):
             if value < 1:
-                raise InputError(f"{flag} must be >= 1, got {value}")
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
         for flag, path in [("--load", args.load), ("--hf-path", args.hf_path), *(("--config", c) for c in args.config)]:
             if path and not Path(path).exists():
-                raise InputError(f"{flag} {path}: no such file or directory")
+                raise ConfigError(f"{flag} {path}: no such file or directory")
         self.level = args.level if args.level is not None else DEFAULT_LEVEL
         from megatron_a3po.rewards.synthetic import LEVELS
 
         if self.level not in LEVELS:
-            raise InputError(f"--level {self.level}: unknown; the synthetic arithmetic levels are {sorted(LEVELS)}")
+            raise ConfigError(f"--level {self.level}: unknown; the synthetic arithmetic levels are {sorted(LEVELS)}")
         self.sft_steps = args.sft_steps if args.sft_steps is not None else (600 if self.level == 6 else 60)
         if self.sft_steps < 1:
-            raise InputError(f"--sft-steps must be >= 1, got {self.sft_steps}")
+            raise ConfigError(f"--sft-steps must be >= 1, got {self.sft_steps}")
         configs = [str(Path(c).resolve()) for c in args.config] or [str(DEFAULT_CONFIG)]
         self.common = [f for c in configs for f in ("--config", c)]
         if not args.config:
@@ -167,7 +163,7 @@ class Study:
         if marker.is_file():
             made = json.loads(marker.read_text())
             if made != recipe:
-                raise InputError(f"{ws} was built with {made}, this study asks for {recipe}; use another --output")
+                raise ConfigError(f"{ws} was built with {made}, this study asks for {recipe}; use another --output")
             self.say(f"warm start: reusing {ws / 'sft_megatron'} ({made})")
             return ["--load", str((ws / "sft_megatron").resolve())]
         shutil.rmtree(ws, ignore_errors=True)
@@ -220,14 +216,15 @@ class Study:
         base = [*self.common, *self.items[name], *warm, "--seed", str(seed), "--train-steps",
                 str(self.args.train_steps)]
         recorded = run / "compare_command.json"
+        same_flags = recorded.is_file() and json.loads(recorded.read_text()) == base
         if (run / "final.txt").is_file():
-            if recorded.is_file() and json.loads(recorded.read_text()) != base:
+            if recorded.is_file() and not same_flags:
                 self.say(f"warning: {run.name} was finished with other flags than this study's (see {recorded}); "
                          "kept as is: use another --output for a different study")
             self.say(f"skip {run.name}: finished")
             return run.name, True
         ckpt = run / "ckpt"
-        resume = (ckpt / "latest").exists() and recorded.is_file() and json.loads(recorded.read_text()) == base
+        resume = (ckpt / "latest").exists() and same_flags
         if resume:
             self.say(f"{index} {run.name}: resuming from {ckpt / (ckpt / 'latest').read_text().strip()} "
                      f"(log: {run / 'train.log'})")
@@ -269,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, extra = parse_args(argv)
         study = Study(args, extra)
-    except InputError as err:
+    except UserError as err:
         return report(err)
     from megatron_a3po import compare_report
 
     start = time.time()
     try:
         failed = study.run_all()
-    except InputError as err:
+    except UserError as err:
         return report(err)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)

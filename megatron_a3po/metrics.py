@@ -24,9 +24,12 @@ from megatron_a3po.algorithms import kl_penalty
 
 class PhaseTimer:
     """Seconds per phase of a step. A phase timed inside another counts for itself only (exclusive times: the
-    reward scoring inside the rollout call is `reward`, not `rollout`)."""
+    reward scoring inside the rollout call is `reward`, not `rollout`). With a `step`, an exception that escapes a
+    phase leaves with a note naming the RL step and the innermost phase it failed in; its type, message and
+    traceback stay as they were."""
 
-    def __init__(self):
+    def __init__(self, step: int | None = None):
+        self.step = step
         self.seconds: dict[str, float] = {}
         self._inner: list[float] = []  # per open phase: seconds spent in phases nested inside it
 
@@ -36,6 +39,10 @@ class PhaseTimer:
         self._inner.append(0.0)
         try:
             yield
+        except Exception as err:
+            if self.step is not None and not any(n.startswith("RL step ") for n in getattr(err, "__notes__", ())):
+                err.add_note(f"RL step {self.step}, phase {name}")
+            raise
         finally:
             elapsed = time.perf_counter() - start
             inner = self._inner.pop()

@@ -3,7 +3,7 @@
 rollout (vLLM) -> reward -> outcome advantages -> old log-probs + entropy (Megatron) [+ reference log-probs]
 -> token shaping (A3PO ...) and rollout-mismatch correction -> mini-batch PPO updates through Megatron's
 pipeline schedule with the policy-loss hook -> refit -> metrics. An exception escaping a timed phase carries a
-note naming the RL step and the phase (`StepPhases`).
+note naming the RL step and the phase (`metrics.PhaseTimer`).
 
 The algorithm is resolved once (`rl_config.resolve_algorithm`) into one object that says what to compute;
 everything else (parallel state, the model, vLLM, algorithms, data, metrics) lives in its own module.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from contextlib import contextmanager
 
 import torch
 
@@ -27,26 +26,6 @@ from megatron_a3po.experience import (LogprobSettings, algo_context, build_exper
 from megatron_a3po.rewards.math_reward import overlong_penalty
 from megatron_a3po.rl_config import resolve_algorithm
 from megatron_a3po.rollout.sampling import SamplingConfig, select_groups
-
-
-class StepPhases(M.PhaseTimer):
-    """The step's phase timer. An exception that escapes a phase leaves with a note naming the RL step and the
-    phase it failed in (the innermost: a reward function failing inside the rollout call reads `phase reward`);
-    its type, message and traceback stay as they were."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step = step
-
-    @contextmanager
-    def __call__(self, name: str):
-        try:
-            with super().__call__(name):
-                yield
-        except Exception as err:
-            if not any(note.startswith("RL step ") for note in getattr(err, "__notes__", ())):
-                err.add_note(f"RL step {self.step}, phase {name}")
-            raise
 
 
 class RLTrainer:
@@ -108,7 +87,7 @@ class RLTrainer:
         return before, after["val/avg@k"]
 
     def step(self, step: int) -> dict:
-        timer = StepPhases(step)  # a failure inside a timed phase names the step and the phase
+        timer = M.PhaseTimer(step)  # a failure inside a timed phase names the step and the phase
         syncs_before = platform.host_syncs()  # None unless CUDA emulation counts them
         # 1-2. Rollout (vLLM, n responses per prompt; every rank ends up with the whole batch) and verifiable
         # outcome reward; with dynamic sampling, only prompt groups whose rewards vary (more rounds if needed).
