@@ -53,7 +53,10 @@ def paper_run(config: str) -> list[str]:
 def start_job(args: list[str], log: Path, env: dict | None = None, base: list[str] = TINY_RUN) -> subprocess.Popen:
     """The training job under torchrun (which starts each rank in a session of its own: see signal_job)."""
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "megatron_a3po.train", *base, *args],
+    # --shutdown-timeout as a3po-train sets it: on SIGTERM torchrun waits this long for the ranks to finish their step
+    # and checkpoint (its default, 30 s, SIGKILLs a rank whose step is slower, as a loaded 2-core machine can be).
+    return subprocess.Popen([TORCHRUN, "--standalone", "--shutdown-timeout=300", "--nproc-per-node", "2", "-m",
+                             "megatron_a3po.train", *base, *args],
                             cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
