@@ -9,7 +9,7 @@ first newline or end token. Levels:
   3  two-digit subtraction           23-45=      (answers may be negative)
   4  multiplication                  7*12=       (one digit times up to two digits)
   5  multi-term                      12+7-30=, 4*6+13=   (three terms, usual precedence)
-  6  addition, length is a choice    47+38=, 347+86=     (2- or 3-digit operands; direct or worked)
+  6  addition, length is a choice    47+38=      (level 2's prompts; answered directly or worked out)
 
 Pass a list of levels to mix them uniformly. Rows are deterministic by seed.
 
@@ -19,8 +19,8 @@ response): each column is "x+y=s" or, with the carry from the column before, "x+
 columns are joined by ",", and ";" separates the scratchpad from the final answer:
 
   47+38=   ->  85   or   7+8=15,4+3+1=8;85
-  347+86=  ->  433  or   7+6=13,4+8+1=13,3+0+1=4;433
   85+47=   ->  132  or   5+7=12,8+4+1=13;132
+  347+86=  ->  433  or   7+6=13,4+8+1=13,3+0+1=4;433   (any width: a missing digit is 0)
 
 Verifier rules (`parse_arithmetic_answer`), on the text before the first newline/end token, stripped:
   - no ";": the whole text must be one integer (unchanged from levels 1-5);
@@ -32,8 +32,11 @@ Only the final answer is graded, as in the paper's verifiers: the step arithmeti
 answer after a wrong scratchpad scores 1 (and a wrong answer after a correct one scores 0). Before level 6 a
 response containing ";" always scored 0; now a well-formed worked answer is graded on every level, because the
 reward sees only (response, ground truth). `answer_form` tells the forms apart for metrics. With the tiny
-character tokenizer (one token per character) a level-6 response is 3-5 tokens direct and 15-30 worked, end
-token included: give RL a max response length of at least 32.
+character tokenizer (one token per character) a level-6 response is 3-4 tokens direct and 15-20 worked, end
+token included: give RL a max response length of at least 20. Level 6 keeps to two-digit operands so that a tiny
+model learns it in a CPU-sized SFT (`a3po compare`'s warm start: 300 steps of the 50/50 mix): on 256 held-out sums
+its greedy answers are right 93% of the time when worked out and 5% when direct, so RL has a reason to make
+responses longer (sampled at temperature 1: 56% and 4%).
 
 `worked_solution(row)` writes a row's worked answer and `sft_responses` the SFT targets (a seeded mix of
 direct and worked answers: `SFT_SCRATCHPAD_FRACTION`, 0.5 on level 6 and 0 elsewhere, unless given).
@@ -51,7 +54,7 @@ LEVELS = {
     3: "two-digit subtraction",
     4: "multiplication (1-digit x 2-digit)",
     5: "three terms with + - * (precedence)",
-    6: "2-/3-digit addition, answered directly or worked out by columns",
+    6: "two-digit addition, answered directly or worked out by columns",
 }
 SFT_SCRATCHPAD_FRACTION = {6: 0.5}  # default share of worked SFT answers per level (others: 0)
 SCRATCHPAD_SEP, STEP_SEP = ";", ","
@@ -87,8 +90,8 @@ def _expression(level: int, rng: random.Random) -> tuple[str, int]:
         value = a + (b if op1 == "+" else -b)
         value += c if op2 == "+" else -c
         return f"{a}{op1}{b}{op2}{c}", value
-    if level == 6:  # each operand 2 or 3 digits: 1-3 columns to work, carries in most sums
-        a, b = (rng.randint(10, 99) if rng.random() < 0.5 else rng.randint(100, 999) for _ in range(2))
+    if level == 6:  # level 2's sums; what differs is the SFT mix (SFT_SCRATCHPAD_FRACTION) that teaches both forms
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
         return f"{a}+{b}", a + b
     raise ValueError(f"unknown arithmetic level {level!r}; choose from {sorted(LEVELS)} ({LEVELS})")
 
