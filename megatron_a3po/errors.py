@@ -31,6 +31,11 @@ class DatasetError(UserError, ValueError):
     """A dataset file or row is unusable; the message names the file, the row and the fix."""
 
 
+class RunFilesError(UserError, ValueError):
+    """A run directory's own files (metrics.jsonl) are damaged beyond what a killed run leaves; the message names
+    the file, the line and the fix."""
+
+
 class RewardError(UserError, ValueError):
     """Rewards cannot be trusted (worker pool cannot start, too many worker failures, a reward hook that does not
     import or score): stop, do not train on them."""

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_a3po.algorithms import kl_penalty
+from megatron_a3po.errors import RunFilesError
 
 
 class PhaseTimer:
@@ -280,8 +281,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
             rows.append(json.loads(line))
         except ValueError:
             if n < len(lines) - 1:
-                raise ValueError(f"{path}:{number}: not a JSON line ({line[:60]!r}); the file is corrupted "
-                                 "beyond a torn last line: fix or remove that line") from None
+                raise RunFilesError(f"{path}:{number}: not a JSON line ({line[:60]!r}); the file is corrupted "
+                                    "beyond a torn last line: fix or remove that line") from None
             print(f"warning: {path}:{number}: dropped a torn last line ({len(line)} characters; the run was "
                   "stopped while writing it)", file=sys.stderr)
     return rows

@@ -13,6 +13,7 @@ import torch
 
 from megatron_a3po import checkpointing
 from megatron_a3po import config as C
+from megatron_a3po.errors import RunFilesError
 from megatron_a3po.metrics import read_jsonl, trim_metrics
 from megatron_a3po.job import resolve_job
 from helpers import BASE
@@ -76,8 +77,12 @@ def test_torn_last_metrics_line_is_dropped_on_resume_and_in_plot(tmp_path, capsy
     path.write_text(path.read_text() + '{"step": 3, "rew')
     assert a3po(["plot", str(tmp_path)]) == 0
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # damage in the middle is not a torn write: refused
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
+    with pytest.raises(RunFilesError, match=r"metrics.jsonl:2: not a JSON line"):
         read_jsonl(path)
+    capsys.readouterr()
+    assert a3po(["plot", str(tmp_path)]) == 2  # one line naming the file and line, no traceback
+    err = capsys.readouterr().err
+    assert "metrics.jsonl:2: not a JSON line" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_rng_states_round_trip_without_pickle():
