@@ -32,40 +32,40 @@ def test_exact_resume_after_sigkill(tmp_path):
     base = [*paper_run("qwen3-8b-base_a3po.yaml"), "--use-rollout-logprobs", "--overlong-buffer-len", "1",
             "--overlong-penalty-factor", "0.5"]
     log = tmp_path / "ref.log"
-    proc = start_job(["--tiny-model", "qwen3", "--train-steps", "3", "--output-dir", str(ref / "out"),
-                      "--save", str(ref / "ckpt"), "--save-interval", "2"], log, EMULATED, base)
+    proc = start_job(["--tiny-model", "qwen3", "--train-steps", "2", "--output-dir", str(ref / "out"),
+                      "--save", str(ref / "ckpt"), "--save-interval", "1"], log, EMULATED, base)
     assert wait(proc, log) == 0, log.read_text()[-4000:]
 
-    # Same job, killed inside its first save: rank 0 SIGKILLs itself right after renaming step_000002 into place,
+    # Same job, killed inside its first save: rank 0 SIGKILLs itself right after renaming step_000001 into place,
     # before `latest` exists (A3PO_TEST_KILL_AT, checkpoint_files.kill_point); then every process is killed.
     log = tmp_path / "killed.log"
-    proc = start_job(["--tiny-model", "qwen3", "--train-steps", "3", "--output-dir", str(killed / "out"),
-                      "--save", str(killed / "ckpt"), "--save-interval", "2"], log,
+    proc = start_job(["--tiny-model", "qwen3", "--train-steps", "2", "--output-dir", str(killed / "out"),
+                      "--save", str(killed / "ckpt"), "--save-interval", "1"], log,
                      {**EMULATED, "A3PO_TEST_KILL_AT": "after_rename"}, base)
     deadline = time.monotonic() + 400
-    while not (killed / "ckpt" / "step_000002").exists():
+    while not (killed / "ckpt" / "step_000001").exists():
         assert proc.poll() is None, log.read_text()[-4000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
     time.sleep(1)
     signal_job(proc, signal.SIGKILL)
     proc.wait()
-    time.sleep(1)  # the ranks, reparented, are gone too (nothing may write step 3 files now)
-    assert not (killed / "ckpt" / "latest").exists() and not (killed / "ckpt" / "step_000003").exists()
-    assert checkpoint_files.problems(killed / "ckpt" / "step_000002") == []  # complete: its manifest holds
+    time.sleep(1)  # the ranks, reparented, are gone too (nothing may write step 2 files now)
+    assert not (killed / "ckpt" / "latest").exists() and not (killed / "ckpt" / "step_000002").exists()
+    assert checkpoint_files.problems(killed / "ckpt" / "step_000001") == []  # complete: its manifest holds
 
     # Resume from the --save directory: no `latest`, so the newest complete checkpoint (a warning says so); the
     # model comes from the checkpoint alone.
     log = tmp_path / "resume.log"
-    proc = start_job(["--load", str(killed / "ckpt"), "--train-steps", "3", "--output-dir", str(killed / "out"),
-                      "--save", str(killed / "ckpt"), "--save-interval", "2"], log, EMULATED, base)
+    proc = start_job(["--load", str(killed / "ckpt"), "--train-steps", "2", "--output-dir", str(killed / "out"),
+                      "--save", str(killed / "ckpt"), "--save-interval", "1"], log, EMULATED, base)
     assert wait(proc, log) == 0, log.read_text()[-4000:]
-    assert "resuming from" in log.read_text() and "at RL step 3" in log.read_text()
+    assert "resuming from" in log.read_text() and "at RL step 2" in log.read_text()
     assert "has no `latest` file" in log.read_text()
     assert "took over a stale lock" in log.read_text()  # the killed job's lock: its pid is gone
 
     expected, resumed = rows(ref / "out"), rows(killed / "out")
-    assert [r["step"] for r in resumed] == [r["step"] for r in expected]  # rows after step 2 trimmed, not doubled
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected]  # rows after step 1 trimmed, not doubled
     for want, got in zip(expected, resumed):
         keys = {k for k in want if not k.startswith(("time/", "sync/"))}
         assert keys == {k for k in got if not k.startswith(("time/", "sync/"))}
@@ -78,39 +78,39 @@ def test_exact_resume_after_sigkill(tmp_path):
         # every response at the cap (6 tokens; all truncated ones are) loses 0.5, none other
         assert -0.5 <= r["reward/overlong_penalty"] <= -0.5 * r["response/truncated_fraction"] < 0
 
-    final_ref = stored_tensors(ref / "ckpt" / "step_000003", tmp_path)
-    final_resumed = stored_tensors(killed / "ckpt" / "step_000003", tmp_path)
-    at_step_2 = stored_tensors(ref / "ckpt" / "step_000002", tmp_path)
+    final_ref = stored_tensors(ref / "ckpt" / "step_000002", tmp_path)
+    final_resumed = stored_tensors(killed / "ckpt" / "step_000002", tmp_path)
+    at_step_1 = stored_tensors(ref / "ckpt" / "step_000001", tmp_path)
     assert final_ref.keys() == final_resumed.keys()
     for key, value in final_ref.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, final_resumed[key]), key
-    assert any(isinstance(v, torch.Tensor) and not torch.equal(v, at_step_2[key]) for key, v in final_ref.items()), \
+    assert any(isinstance(v, torch.Tensor) and not torch.equal(v, at_step_1[key]) for key, v in final_ref.items()), \
         "training did not change the weights: the comparison would prove nothing"
     # Optimizer state (Adam moments) equal too.
-    opt_ref = stored_tensors(ref / "ckpt" / "step_000003" / "optimizer", tmp_path)
-    opt_resumed = stored_tensors(killed / "ckpt" / "step_000003" / "optimizer", tmp_path)
+    opt_ref = stored_tensors(ref / "ckpt" / "step_000002" / "optimizer", tmp_path)
+    opt_resumed = stored_tensors(killed / "ckpt" / "step_000002" / "optimizer", tmp_path)
     assert opt_ref.keys() == opt_resumed.keys() and len(opt_ref) > 0
     for key, value in opt_ref.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, opt_resumed[key]), key
     # The checkpoint is also a converted checkpoint (weights only, any TP/PP).
-    meta = megatron_ckpt.read_meta(ref / "ckpt" / "step_000003")
+    meta = megatron_ckpt.read_meta(ref / "ckpt" / "step_000002")
     assert meta.saved_tensor_parallel_size == 2 and meta.arch.family == "qwen3" and meta.dtype == "bfloat16"
     # ... which loads at another TP: export the TP=2 training checkpoint at TP=1, weights identical.
     from safetensors.torch import load_file
 
     proc = subprocess.run([sys.executable, "-m", "checkpoints_tools.convert", "megatron-to-hf", "--megatron-path",
-                           str(ref / "ckpt" / "step_000003"), "--output", str(tmp_path / "hf"),
+                           str(ref / "ckpt" / "step_000002"), "--output", str(tmp_path / "hf"),
                            "--tensor-model-parallel-size", "1", "--no-progress"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **EMULATED})
     assert proc.returncode == 0, proc.stderr[-4000:]
     embed = load_file(tmp_path / "hf" / "model.safetensors")["model.embed_tokens.weight"]
     assert torch.equal(embed, final_ref["embedding.word_embeddings.weight"][:embed.shape[0]])
-    state = checkpointing.read_train_state(ref / "ckpt" / "step_000003")
-    assert state["step"] == 3 and state["layout"]["tp"] == 2 and state["sampler"]["index"] > 0
-    resolved = json.loads((ref / "ckpt" / "step_000003" / "config.json").read_text())
-    assert resolved["rl"]["train_steps"] == 3
+    state = checkpointing.read_train_state(ref / "ckpt" / "step_000002")
+    assert state["step"] == 2 and state["layout"]["tp"] == 2 and state["sampler"]["index"] > 0
+    resolved = json.loads((ref / "ckpt" / "step_000002" / "config.json").read_text())
+    assert resolved["rl"]["train_steps"] == 2
     # The paper's flags survived the shrinking overlay.
     assert resolved["model"]["bf16"] and resolved["training"]["use_distributed_optimizer"]
     assert resolved["parallel"]["sequence_parallel"] and resolved["model"]["recompute_granularity"] == "full"
