@@ -43,7 +43,7 @@ SFT_BATCH = 64  # the embedded warm start's global batch (as make demo)
 # (300 SFT steps on a 50/50 mix of both forms) works most sums out correctly and rarely answers directly right, so
 # every algorithm has a signal from step 1. Level 1 (make demo's task, 60 SFT steps) stays available via --level 1.
 DEFAULT_LEVEL = 6
-SFT_STEPS = {6: 300}  # embedded warm start SFT steps per level (others: 60, as make demo)
+SFT_STEPS, SFT_STEPS_OTHER_LEVELS = {6: 300}, 60  # embedded warm start SFT steps per level (60: as make demo)
 
 
 def study_flags(level: int) -> list[str]:
@@ -74,8 +74,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="synthetic arithmetic level of the embedded warm start's SFT and of the training data "
                         f"(default {DEFAULT_LEVEL}; the data flag is added only without --config or with --level)")
     p.add_argument("--sft-steps", type=int, default=None,
-                   help=f"embedded warm start SFT steps (default {SFT_STEPS.get(DEFAULT_LEVEL, 60)} on level "
-                        f"{DEFAULT_LEVEL}; 60 on levels without an entry in compare.SFT_STEPS)")
+                   help=f"embedded warm start SFT steps (default {SFT_STEPS[DEFAULT_LEVEL]} on level {DEFAULT_LEVEL}, "
+                        f"{SFT_STEPS_OTHER_LEVELS} on the others)")
     p.add_argument("--nproc-per-node", type=int, default=2, help="ranks per training job (default 2)")
     p.add_argument("--jobs", type=int, default=1, help="training jobs at a time (default 1: sequential)")
     p.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps, for resuming (default "
@@ -136,7 +136,8 @@ class Study:
 
         if self.level not in LEVELS:
             raise ConfigError(f"--level {self.level}: unknown; the synthetic arithmetic levels are {sorted(LEVELS)}")
-        self.sft_steps = args.sft_steps if args.sft_steps is not None else SFT_STEPS.get(self.level, 60)
+        self.sft_steps = (args.sft_steps if args.sft_steps is not None
+                          else SFT_STEPS.get(self.level, SFT_STEPS_OTHER_LEVELS))
         if self.sft_steps < 1:
             raise ConfigError(f"--sft-steps must be >= 1, got {self.sft_steps}")
         configs = [str(Path(c).resolve()) for c in args.config] or [str(DEFAULT_CONFIG)]

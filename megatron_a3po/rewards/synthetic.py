@@ -69,7 +69,7 @@ def _expression(level: int, rng: random.Random) -> tuple[str, int]:
     if level == 1:
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"{a}+{b}", a + b
-    if level == 2:
+    if level in (2, 6):  # level 6 has level 2's sums; what differs is the SFT mix (SFT_SCRATCHPAD_FRACTION)
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         return f"{a}+{b}", a + b
     if level == 3:
@@ -90,9 +90,6 @@ def _expression(level: int, rng: random.Random) -> tuple[str, int]:
         value = a + (b if op1 == "+" else -b)
         value += c if op2 == "+" else -c
         return f"{a}{op1}{b}{op2}{c}", value
-    if level == 6:  # level 2's sums; what differs is the SFT mix (SFT_SCRATCHPAD_FRACTION) that teaches both forms
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return f"{a}+{b}", a + b
     raise ValueError(f"unknown arithmetic level {level!r}; choose from {sorted(LEVELS)} ({LEVELS})")
 
 
