@@ -11,16 +11,40 @@ from pathlib import Path
 import torch
 
 # The distributed optimizer's default format ("fully_sharded_model_space") uses flattened ShardedTensor ranges,
-# which this megatron-core's dist_checkpointing refuses to save; "fully_reshardable" is canonical per-parameter
-# state (gathered on DP rank 0 of each model-parallel group), loadable at any TP/PP/DP.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# which this megatron-core's dist_checkpointing refuses to save; "dp_reshardable" keeps the optimizer's bucket
+# layout and re-shards along DP only. "fully_reshardable" is canonical per-parameter state, loadable at any
+# TP/PP/DP (tests/test_train_layouts.py resumes TP=2 -> PP=2). Its save gathers each bucket's state in
+# DistributedOptimizer.get_parameter_state_dp_zero (megatron/core/optimizer/distrib_optimizer.py), called by
+# sharded_param_state_fully_reshardable with what the "mem_efficient" key below selects:
+# - off (megatron-core's default): an NCCL all_gather into device buffers of the whole bucket (one bucket per
+#   buffer here: overlap_grad_reduce is off) per state key, and every DP rank keeps host copies of all states
+#   (fp32 param, exp_avg, exp_avg_sq: 12 bytes x the rank's model-parallel shard of parameters). On Qwen2.5-32B
+#   (TP 8) that is ~16 GiB of device buffers + 4 GiB for the send copy, and ~49 GB of host memory on every rank.
+# - on: a gather over the gloo DP group into host buffers on DP rank 0 only, returned (and written) by DP rank 0;
+#   no device buffer at all, and DP ranks > 0 only hold their own shards. DP rank 0's host peak is the same
+#   (12 bytes/param of world tensors + 3 host buckets in flight: planner.save_host_bytes counts them).
+# Loading is the same in both ("interchangeable from MCore's perspective", says its docstring).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 def sharded_state(policy, is_loading: bool = False) -> dict:
     from megatron_a3po.models.megatron_ckpt import sharded_state_dict
 
-    return policy.optimizer.sharded_state_dict(sharded_state_dict(policy.chunks), is_loading=is_loading,
-                                               metadata=OPTIMIZER_METADATA)
+    state = policy.optimizer.sharded_state_dict(sharded_state_dict(policy.chunks), is_loading=is_loading,
+                                                metadata=OPTIMIZER_METADATA)
+    _drop_empty_param_state(state)
+    return state
+
+
+def _drop_empty_param_state(state: dict) -> None:
+    """The memory-efficient save returns param_state None on DP ranks > 0 (DP rank 0 writes it); left in, that
+    None is a key only they have in the common state, which dist_checkpointing reports on every save."""
+    if state.get("param_state", {}) is None:
+        del state["param_state"]
+    for value in state.values():  # a ChainedOptimizer nests one state dict per optimizer
+        if isinstance(value, dict):
+            _drop_empty_param_state(value)
 
 
 def save(policy, directory: Path) -> None:
