@@ -193,8 +193,8 @@ def check_parallel_sizes(arch, tp: int, pp: int) -> None:
 def build_sharded_model(arch, tp: int, pp: int, dtype, padded_vocab: int) -> list:
     """Model-parallel groups + this rank's GPTModel chunk(s), uninitialised (every parameter is loaded next).
 
-    The local (non-Transformer-Engine) layer spec: its sharded-state-dict keys are the TE ones, so the
-    checkpoint loads into either.
+    The local (non-Transformer-Engine) layer spec: its weight keys are the TE ones and only TE's `_extra_state`
+    keys differ, which megatron_ckpt.load_model lets differ, so the checkpoint loads into either spec.
     """
     from megatron_a3po import parallel
     from megatron_a3po.models import builder

@@ -10,6 +10,14 @@ shapes (layers stacked along a leading axis, TP shards placed at their global of
 at one TP/PP loads at any other. Word embeddings / output layer are "flexible" in megatron-core: a different
 vocab padding at load time keeps the overlap and zero-fills the rest.
 
+One checkpoint serves both layer specs. The weight keys agree (megatron-core's local GPT spec maps
+input_layernorm / pre_mlp_layernorm onto TE's fused `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`
+through `sharded_state_dict_keys_map`), but the `_extra_state` objects do not: Transformer Engine's norms
+(final_layernorm, q/k_layernorm) carry one (FP8 metadata, empty without FP8), the local norms none. So the load
+lets exactly `_extra_state` keys differ, in either direction, and nothing else: a converted or CPU-saved
+checkpoint loads into the TE spec (its norms keep a fresh, empty extra state), a GPU checkpoint loads into the
+local spec on a CPU box (the stored extra state is not read), and extra state present on both sides is restored.
+
 Saving on CPU without forking: megatron-core's torch_dist writer hands its write results back through a
 `multiprocessing.Manager().Queue()` created with the *spawn* start method, even for a synchronous save. Spawn
 starts a manager server process that re-imports the launching script (`__main__`); a script without the
@@ -179,7 +187,11 @@ def load_model(chunks, ckpt_dir: str | Path, arch: ModelArch | None = None) -> N
 
     request = sharded_state_dict(chunks)
     try:
-        loaded = dist_checkpointing.load(request, str(ckpt_dir), strict=StrictHandling.RAISE_ALL)
+        # RETURN_ALL (megatron/core/dist_checkpointing/validation.py, validate_integrity_and_strict_load): requested
+        # keys absent from the checkpoint are dropped from the request and returned as "unexpected"; checkpoint
+        # keys nobody requested are returned as "missing" (over all ranks). _check_keys judges them.
+        loaded, missing, unexpected = dist_checkpointing.load(request, str(ckpt_dir),
+                                                              strict=StrictHandling.RETURN_ALL)
     except (CheckpointingException, CheckpointException) as err:
         # torch wraps megatron's exception (with per-rank tracebacks): report the innermost reason.
         reasons = [line.split("Exception: ", 1)[1] for line in str(err).splitlines() if "Exception: " in line]
@@ -187,12 +199,37 @@ def load_model(chunks, ckpt_dir: str | Path, arch: ModelArch | None = None) -> N
             f"{ckpt_dir}: the stored tensors do not fit the model described by {METADATA_FILE}: "
             f"{reasons[-1] if reasons else err}. The checkpoint and its metadata disagree; convert the HF model again"
         ) from None
+    _check_keys(ckpt_dir, stored_only=missing, model_only=unexpected)
     states = [loaded] if len(chunks) == 1 else [loaded[f"model{i}"] for i in range(len(chunks))]
     for chunk, state in zip(chunks, states):
-        missing, unexpected = unwrap(chunk).load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise MegatronCheckpointError(f"{ckpt_dir}: parameters not restored {missing}, unknown {unexpected}")
+        not_restored, unknown = unwrap(chunk).load_state_dict(state, strict=False)
+        not_restored = [k for k in not_restored if not k.endswith(EXTRA_STATE_SUFFIX)]
+        if not_restored or unknown:
+            raise MegatronCheckpointError(f"{ckpt_dir}: parameters not restored {not_restored}, unknown {unknown}")
+
+
+# torch.nn.Module stores get_extra_state() under `<module prefix>_extra_state` (torch's _EXTRA_STATE_KEY_SUFFIX);
+# megatron-core wraps it in a ShardedObject of that key (transformer/utils.py make_sharded_tensors_for_checkpoint).
+EXTRA_STATE_SUFFIX = "._extra_state"
+
+
+def _check_keys(ckpt_dir, stored_only, model_only) -> None:
+    """Refuse a key mismatch between checkpoint and model unless every differing key is a module's extra state
+    (TE spec vs local spec: see the module docstring)."""
+    stored_only = sorted(k for k in stored_only if not k.endswith(EXTRA_STATE_SUFFIX))
+    model_only = sorted(k for k in model_only if not k.endswith(EXTRA_STATE_SUFFIX))
+    if not stored_only and not model_only:
+        return
+    problems = ([f"stored but not in the model: {_some(stored_only)}"] if stored_only else []) + \
+        ([f"in the model but not stored: {_some(model_only)}"] if model_only else [])
+    raise MegatronCheckpointError(
+        f"{ckpt_dir}: the checkpoint's keys do not fit the model described by {METADATA_FILE} ("
+        + "; ".join(problems) + "). It was written for another model or by another tool; convert the HF model "
+        "again (a3po-convert hf-to-megatron)")
+
+
+def _some(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def check_vocab_rows(ckpt_dir: str | Path, arch: ModelArch) -> None:
