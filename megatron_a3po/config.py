@@ -266,6 +266,7 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
         raise ConfigError(f"--transformer-impl must be auto, transformer_engine or local, got {m.transformer_impl!r}")
     _validate_fp8(m)
     _validate_packing(cfg)
+    _check_fp8_usable(m)
     if arch is not None:
         validate_against_arch(cfg, arch)
 
@@ -308,14 +309,23 @@ def validate_numbers(cfg: Config) -> None:
 
 
 def _validate_fp8(m: ModelConfig) -> None:
-    from megatron_a3po.models.builder import transformer_engine_usable
+    from megatron_a3po.packing import FP8_RECIPES
 
     if m.fp8_format is None:
         return
     if m.fp8_format not in ("e4m3", "hybrid"):
         raise ConfigError(f"--fp8-format must be e4m3 or hybrid, got {m.fp8_format!r}")
-    if m.fp8_recipe not in ("delayed", "tensorwise", "blockwise"):
-        raise ConfigError(f"--fp8-recipe must be delayed, tensorwise or blockwise, got {m.fp8_recipe!r}")
+    if m.fp8_recipe not in FP8_RECIPES:
+        raise ConfigError(f"--fp8-recipe must be {', '.join(FP8_RECIPES[:-1])} or {FP8_RECIPES[-1]}, "
+                          f"got {m.fp8_recipe!r}")
+
+
+def _check_fp8_usable(m: ModelConfig) -> None:
+    """After the packing checks, so a CPU box still reports FP8's token-budget rules."""
+    from megatron_a3po.models.builder import transformer_engine_usable
+
+    if m.fp8_format is None:
+        return
     if not transformer_engine_usable():
         raise ConfigError(
             "--fp8-format needs Transformer Engine and a CUDA GPU, and this machine has neither usable; "
@@ -328,6 +338,8 @@ def _validate_fp8(m: ModelConfig) -> None:
 
 
 def _validate_packing(cfg: Config) -> None:
+    from megatron_a3po.packing import round_up, token_multiple_of
+
     t, p, rl = cfg.training, cfg.parallel, cfg.rl
     if t.max_tokens_per_gpu < 0 or t.log_probs_max_tokens_per_gpu < 0:
         raise ConfigError("--max-tokens-per-gpu and --log-probs-max-tokens-per-gpu must be >= 0 (0: off)")
@@ -335,14 +347,20 @@ def _validate_packing(cfg: Config) -> None:
         if t.log_probs_max_tokens_per_gpu:
             raise ConfigError("--log-probs-max-tokens-per-gpu needs --max-tokens-per-gpu (packed micro-batches)")
         return
-    multiple = p.tensor_model_parallel_size if p.sequence_parallel else 1
-    longest = -(-(rl.max_prompt_length + rl.max_response_length - 1) // multiple) * multiple
+    multiple = token_multiple_of(cfg)  # the one rule packs and padded micro-batches follow (packing.py)
+    fp8 = cfg.model.fp8_format is not None
+    why = (f"a multiple of {multiple}, FP8's token rule at TP={p.tensor_model_parallel_size}"
+           f"{' with --sequence-parallel' if p.sequence_parallel else ''}" if fp8 else "a multiple of TP")
+    longest = round_up(rl.max_prompt_length + rl.max_response_length - 1, multiple)
     for flag, value in (("--max-tokens-per-gpu", t.max_tokens_per_gpu),
                         ("--log-probs-max-tokens-per-gpu", t.log_probs_max_tokens_per_gpu)):
         if value and value < longest:
             raise ConfigError(f"{flag} {value} cannot hold the longest sequence ({longest} tokens: --max-prompt-length "
-                              f"+ --max-response-length - 1{', rounded up to a multiple of TP' if multiple > 1 else ''}"
+                              f"+ --max-response-length - 1{f', rounded up to {why}' if multiple > 1 else ''}"
                               f"); raise it to at least {longest}")
+        if value and fp8 and value % multiple:  # a pack is rounded up to the multiple: the budget must be one
+            raise ConfigError(f"{flag} {value} is not {why} (packing.token_multiple: Transformer Engine's FP8 GEMMs "
+                              f"need it); set it to {value // multiple * multiple} or {round_up(value, multiple)}")
 
 
 def validate_against_arch(cfg: Config, arch) -> None:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from megatron_a3po import platform
+from megatron_a3po import packing, platform
 from megatron_a3po.config import Config, virtual_pipeline_size
 from megatron_a3po.dtypes import params_dtype
 from megatron_a3po.models import builder, hf_mapping
@@ -42,6 +42,7 @@ class PolicyModel:
             fp8_recipe=m.fp8_recipe, recompute_granularity=m.recompute_granularity,
         )
         self.tp_rank, self.tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        self.token_multiple = packing.token_multiple_of(cfg)  # what every micro-batch's token dim is a multiple of
         self.dp_size = ps.get_data_parallel_world_size()
         self.optimizer = self.scheduler = None
         if frozen:
@@ -129,12 +130,12 @@ class PolicyModel:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         n = len(micro_batches)
-        sequence_parallel = self.tconfig.sequence_parallel
+        multiple = self.token_multiple
         for mb in micro_batches:
-            if "cu_seqlens" in mb and (mb["tokens"].shape[0] != 1 or (sequence_parallel and
-                                                                         mb["tokens"].shape[1] % self.tp_size)):
-                raise ValueError("a packed micro-batch is one row, padded to a multiple of the TP size under "
-                                 "sequence parallelism (experience.pack_rows does both)")
+            if "cu_seqlens" in mb and (mb["tokens"].shape[0] != 1 or mb["tokens"].shape[1] % multiple):
+                raise ValueError(f"a packed micro-batch is one row, padded to a multiple of {multiple} tokens "
+                                 "(packing.token_multiple: TP under sequence parallelism, FP8's rule; "
+                                 "experience.pack_rows does both)")
         device = platform.device()
 
         def step(data_iterator, model):
@@ -148,9 +149,10 @@ class PolicyModel:
                                          max_seqlen_kv=batch["max_seqlen"])
                 position_ids = batch["position_ids"]
             else:
-                # Sequence parallelism scatters the sequence over the TP ranks: pad it to a multiple of TP. The
-                # padding comes after every real token, so causal attention keeps it out of the real positions.
-                model_len = -(-seq_len // self.tp_size) * self.tp_size if sequence_parallel else seq_len
+                # Sequence parallelism scatters the sequence over the TP ranks, FP8 GEMMs want 16-row multiples:
+                # pad to token_multiple. The padding comes after every real token, so causal attention keeps it
+                # out of the real positions.
+                model_len = model_width(seq_len, multiple)
                 if model_len != seq_len:
                     tokens = torch.nn.functional.pad(tokens, (0, model_len - seq_len))
                 position_ids = torch.arange(model_len, device=device).unsqueeze(0).expand_as(tokens)
@@ -165,7 +167,7 @@ class PolicyModel:
         longest = max(mb["tokens"].shape[1] for mb in micro_batches)
         return forward_backward(  # seq_length / micro_batch_size: unused, shapes travel with the activations
             forward_step_func=step, data_iterator=data, model=self.chunks, num_microbatches=n,
-            seq_length=-(-longest // self.tp_size) * self.tp_size, micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            seq_length=model_width(longest, multiple), micro_batch_size=micro_batches[0]["tokens"].shape[0],
             forward_only=forward_only,
         )
 
@@ -177,6 +179,11 @@ class PolicyModel:
         self.scheduler.step(increment=1)
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "update_successful": bool(success), "lr": lr}
+
+
+def model_width(seq_len: int, multiple: int) -> int:
+    """The width padded rows [b, seq_len] have in the model: seq_len rounded up to `multiple` (token_multiple)."""
+    return packing.round_up(seq_len, multiple)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

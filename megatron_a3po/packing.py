@@ -12,7 +12,22 @@ matters, so `sequence_cost(L) = L + L² · h / P`.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
+
+# FP8 recipes (--fp8-recipe) whose token-dimension rule `token_multiple` knows.
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+# Transformer Engine (2.20, the image's) runs a linear layer in FP8 only when:
+# - its input's leading rows (tokens) are a multiple of 8: transformer_engine/pytorch/utils.py
+#   `assert_dim_for_fp8_exec` (a ValueError), called by module/linear.py, layernorm_linear.py and layernorm_mlp.py
+#   on the input as the rank holds it, i.e. under sequence parallelism a column-parallel layer's shard of T/TP
+#   tokens, before its all-gather;
+# - the weight-gradient GEMM dW = dY^T X (module/linear.py, layout "NT") contracts over the gathered T tokens,
+#   and cuBLASLt wants that leading dimension a multiple of 16: common/gemm/cublaslt_gemm.cu
+#   `CanonicalizeGemmInput`, "Leading dimension requirement on A for FP8 GEMM. Caller must pad." (per-tensor
+#   scaling: delayed, tensorwise) and "... on NVTE_BLOCK_SCALING GEMM. Caller must pad." (blockwise).
+# megatron-core pads MoE tokens to the same 16 (fp8_utils.get_fp8_align_size; 32 for MXFP8, not offered here).
+FP8_SHARD_ROWS, FP8_GEMM_TOKENS = 8, 16
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,7 @@ def balanced_partition(costs: list[float], parts: int) -> list[list[int]]:
 
 def token_budget_bins(lengths: list[int], max_tokens: int, multiple: int = 1) -> list[list[int]]:
     """Indices of `lengths` packed into as few micro-batches as fit `max_tokens` each (first-fit decreasing),
-    every pack's size rounded up to `multiple` (sequence parallelism scatters a pack over TP ranks).
+    every pack's size rounded up to `multiple` (token_multiple: sequence parallelism, FP8).
 
     Raises ValueError for a sequence that does not fit the budget on its own."""
     if max_tokens < 1:
@@ -86,10 +101,36 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple` (a micro-batch's token dimension: see token_multiple)."""
+    return _round_up(n, multiple)
+
+
+def token_multiple(tp: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
+    """The multiple every micro-batch's token dimension T (a pack's length, a padded row's width) must have.
+
+    Sequence parallelism scatters T over the TP ranks: T % TP == 0. FP8 (`fp8_recipe`, None: no FP8) also needs
+    T % 16 == 0 and each rank's shard (T / TP under SP, else T) % 8 == 0 (see FP8_SHARD_ROWS above): T a multiple
+    of lcm(16, 8 * TP) under SP (16 at TP <= 2, 32 at TP=4, 64 at TP=8), of 16 without."""
+    shards = tp if sequence_parallel else 1
+    if fp8_recipe is None:
+        return shards
+    if fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"no token rule for FP8 recipe {fp8_recipe!r}; known: {', '.join(FP8_RECIPES)}")
+    return math.lcm(FP8_GEMM_TOKENS, FP8_SHARD_ROWS * shards)
+
+
+def token_multiple_of(cfg) -> int:
+    """token_multiple for a run's config.Config (TP, --sequence-parallel, --fp8-format / --fp8-recipe)."""
+    p, m = cfg.parallel, cfg.model
+    return token_multiple(p.tensor_model_parallel_size, p.sequence_parallel, m.fp8_recipe if m.fp8_format else None)
+
+
 @dataclass(frozen=True)
 class MicroBatches:
     """One forward/backward call's micro-batches: positions into a rank's experience rows, one list each.
-    packed: each micro-batch is one THD pack (padded to `multiple` tokens); else padded rows."""
+    packed: each micro-batch is one THD pack (padded to `multiple` tokens); else padded rows (the model pads
+    their width to `multiple`: model_runner.model_width)."""
     rows: list[list[int]]
     packed: bool
     multiple: int = 1
@@ -109,7 +150,7 @@ class Batching:
     micro_batch_size: int
     max_tokens: int | None = None
     logprob_max_tokens: int | None = None  # default: max_tokens
-    multiple: int = 1  # pack sizes are multiples of this (TP size under sequence parallelism)
+    multiple: int = 1  # token dims are multiples of this (token_multiple: TP under SP, FP8's rule)
     cost: CostModel = CostModel(quadratic=0.0)
 
     def plan(self, lengths: list[int], mini_batch_rows: int, dp_size: int) -> list[RankPlan]:
@@ -137,7 +178,8 @@ class Batching:
     def _micro_batches(self, lengths: list[int], positions: list[int], max_tokens: int | None) -> MicroBatches:
         if max_tokens is None:
             size = self.micro_batch_size
-            return MicroBatches([positions[i:i + size] for i in range(0, len(positions), size)], packed=False)
+            return MicroBatches([positions[i:i + size] for i in range(0, len(positions), size)], packed=False,
+                                multiple=self.multiple)
         bins = token_budget_bins(lengths, max_tokens, self.multiple)
         return MicroBatches([[positions[i] for i in b] for b in bins], packed=True, multiple=self.multiple)
 

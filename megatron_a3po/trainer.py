@@ -47,11 +47,11 @@ class RLTrainer:
                              f"(--kl-coef > 0); algorithm: {self.algorithm.describe()}")
         self.logprob_settings = LogprobSettings(temperature=self.rl.rollout_temperature,
                                                 vocab_size=policy.arch.vocab_size, minp_kappa=self.algorithm.minp_kappa)
-        t, p = cfg.training, cfg.parallel
+        t = cfg.training
         self.batching = packing.Batching(
             micro_batch_size=t.micro_batch_size, max_tokens=t.max_tokens_per_gpu or None,
             logprob_max_tokens=t.log_probs_max_tokens_per_gpu or None,
-            multiple=p.tensor_model_parallel_size if p.sequence_parallel else 1,
+            multiple=packing.token_multiple_of(cfg),  # TP under SP, FP8's rule: one function for all
             cost=packing.CostModel.for_model(policy.arch.hidden_size, policy.arch.ffn_hidden_size))
         self.sampling = SamplingConfig(n=self.rl.rollout_n, temperature=self.rl.rollout_temperature,
                                        top_p=self.rl.rollout_top_p, top_k=self.rl.rollout_top_k,
