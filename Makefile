@@ -37,8 +37,8 @@ compare: $(VENV_STAMP)
 faults: $(VENV_STAMP)
 	.venv/bin/python tests/fault_battery_training.py 10
 
-# The Docker image's GPU dependency set (launch/docker/requirements-gpu.txt, from uv.lock) is current and resolves
-# for Python 3.12 on x86_64 Linux from wheels: metadata only, no Docker needed.
+# The Docker image's Python set (launch/docker/requirements-gpu*.txt, from uv.lock with hashes) is current, its torch
+# is the one vLLM's wheel declares, and it resolves for Python 3.12 on x86_64 Linux: metadata only, no Docker needed.
 docker-check:
 	bash launch/docker/deps.sh check
 

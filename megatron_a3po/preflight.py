@@ -140,14 +140,15 @@ def _check_gpus(nproc: int) -> list[str]:
     if nproc > gpus:
         problems.append(f"NPROC_PER_NODE={nproc} but this node sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); launch one rank per GPU")
-    # Compiled kernels built against another torch fail only at first use otherwise (undefined symbol).
-    for module in ("vllm._C", "transformer_engine.pytorch"):
+    # Compiled kernels built against another torch fail only at first use otherwise (undefined symbol). vLLM's CUDA
+    # wheel has no vllm._C: vllm/platforms/cuda.py imports vllm._C_stable_libtorch (tests/test_dockerfile.py).
+    for module in ("vllm._C_stable_libtorch", "transformer_engine.pytorch"):
         try:
             __import__(module)
         except (ImportError, OSError) as err:
             problems.append(f"cannot load {module} with torch {torch.__version__} (CUDA {torch.version.cuda}): {err}; "
-                            "use an image whose torch matches vLLM's and Transformer Engine's builds (Dockerfile "
-                            "NGC_TAG) or rebuild them against this torch")
+                            "use an image whose torch matches vLLM's and Transformer Engine's builds (the project's "
+                            "Dockerfile builds and loads them together) or rebuild them against this torch")
     return problems
 
 
