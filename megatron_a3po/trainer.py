@@ -78,7 +78,13 @@ class RLTrainer:
             # No checkpoint when updates keep failing: the last good one stays the newest.
             if self.checkpointer is not None and self.stop_reason != "nonfinite" and (
                     self.checkpointer.due(step) or step == self.rl.train_steps or self.stop_reason == "preempted"):
+                # vLLM (woken by this step's refit) hands its device memory back first: the save stages optimizer
+                # state on the host and must not meet vLLM's weights and KV cache (issue 24, item 2). A level-2
+                # sleep drops vLLM's weights, so a run that goes on refits them (which wakes vLLM).
+                self.engine.sleep()
                 self.checkpointer.save(step, extra={"val_before": before})
+                if self.stop_reason is None:
+                    self.engine.refit(self.policy.hf_state())
             if self.on_step_end is not None:
                 self.on_step_end(step, metrics)
             if self.stop_reason is not None:

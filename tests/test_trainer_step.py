@@ -187,3 +187,59 @@ def test_a_failing_phase_names_the_step_and_the_phase(parts, phase, monkeypatch)
     assert caught.value.__notes__ == [f"RL step 2, phase {phase}"]
     printed = "".join(traceback.format_exception(caught.value)).splitlines()
     assert printed[-2:] == [f"RuntimeError: {MESSAGES[phase]}", f"RL step 2, phase {phase}"], printed[-3:]
+
+
+class EventEngine(FakeEngine):
+    """FakeEngine that also records the order of its calls, and the trainer's saves (issue 24, item 2)."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.events: list[str] = []
+
+    def generate(self, *args, **kwargs):
+        self.events.append("generate")
+        return super().generate(*args, **kwargs)
+
+    def sleep(self) -> None:
+        self.events.append("sleep")
+        super().sleep()
+
+    def refit(self, weights) -> None:
+        self.events.append("refit")  # the real engine's refit wakes vLLM first
+        super().refit(weights)
+
+
+def test_checkpoints_are_saved_while_vllm_sleeps(parts, tmp_path):
+    """fit() saves with vLLM asleep (the save's staging must not meet vLLM's weights and KV cache), and a run that
+    goes on refits vLLM (which wakes it: a level-2 sleep dropped its weights) before it generates again. The real
+    Checkpointer writes the checkpoints; the engine only records."""
+    import copy
+
+    from megatron_a3po.checkpointing import Checkpointer
+    from megatron_a3po.models import tiny
+    from megatron_a3po.trainer import RLTrainer
+
+    cfg = copy.deepcopy(parts["cfg"])
+    cfg.training.save, cfg.training.save_interval = str(tmp_path / "ckpt"), 2
+    engine = EventEngine(parts["tokenizer"])
+    tokenizer_dir = tmp_path / "tokenizer"
+    parts["tokenizer"].save_pretrained(tokenizer_dir)
+
+    class Recording(Checkpointer):
+        def save(self, step, extra=None):
+            engine.events.append(f"save {step}")
+            return super().save(step, extra)
+
+    checkpointer = Recording(cfg, parts["policy"], parts["sampler"], tiny.hf_config(cfg.model.tiny_model).to_dict(),
+                             tokenizer_dir)
+    trainer = RLTrainer(cfg, policy=parts["policy"], engine=engine, tokenizer=parts["tokenizer"],
+                        train_data=parts["train_data"], eval_data=parts["eval_data"], sampler=parts["sampler"],
+                        reward_fn=parts["reward_fn"], logger=parts["logger"], checkpointer=checkpointer)
+    trainer.fit()
+    events = engine.events
+    saves = [i for i, e in enumerate(events) if e.startswith("save")]
+    assert [events[i] for i in saves] == ["save 2", "save 3"], events  # --save-interval 2 and the last step
+    for i in saves:
+        assert events[i - 1] == "sleep", events  # nothing woke vLLM between its sleep and the save
+        assert events[i + 1] == "refit", events  # vLLM gets its weights back before the next generate
+    assert (tmp_path / "ckpt" / "step_000003").is_dir()
