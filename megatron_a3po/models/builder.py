@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from megatron_a3po import platform
+from megatron_a3po import parallel, platform
 from megatron_a3po.models.families import ModelArch
 from megatron_a3po.models.local_norm import LocalRMSNorm
 
@@ -76,6 +78,42 @@ def block_spec(arch: ModelArch, config, use_te: bool, vp_stage: int | None):
                                       layer_norm=LocalRMSNorm)
 
 
+# apex's CUDA extension that fuses the weight-gradient GEMM with the accumulation into main_grad. megatron-core
+# imports it at module level (tensor_parallel/layers.py: `_grad_accum_fusion_available`), and
+# `ColumnParallelLinear.__init__` raises a RuntimeError when config.gradient_accumulation_fusion is set without it;
+# GPTModel's output layer is that class with the TE spec too (models/gpt/gpt_model.py, `output_layer_cls`). TE's own
+# linear layers take the same flag as `fuse_wgrad_accumulation` (extensions/transformer_engine.py).
+GRAD_ACCUM_FUSION_EXTENSION = "fused_weight_gradient_mlp_cuda"
+_fusion_warned: list[bool] = []  # the fallback warning is printed once per process
+
+
+@functools.cache
+def grad_accum_fusion_available() -> bool:
+    """Whether apex's fused weight-gradient extension imports (megatron-core's own test: an ImportError or not)."""
+    try:
+        importlib.import_module(GRAD_ACCUM_FUSION_EXTENSION)
+    except ImportError:
+        return False
+    return True
+
+
+def gradient_accumulation_fusion(on_gpu: bool, use_te: bool) -> bool:
+    """TransformerConfig.gradient_accumulation_fusion: on with CUDA and TE when apex's extension is there; without
+    it off, with one warning (rank 0, once per process) rather than megatron-core's RuntimeError at model build."""
+    if not (on_gpu and use_te):
+        return False
+    if grad_accum_fusion_available():
+        return True
+    if not _fusion_warned and parallel.is_rank0():
+        print(f"warning: apex's {GRAD_ACCUM_FUSION_EXTENSION} CUDA extension is not importable, so gradient "
+              "accumulation fusion is off: every linear layer's weight gradient is computed into a temporary and "
+              "then added to main_grad (slower backward, more memory), Transformer Engine's layers included. "
+              "Get it by installing apex built with --cpp_ext --cuda_ext for this torch (the Docker image has it)",
+              file=sys.stderr, flush=True)
+    _fusion_warned.append(True)
+    return False
+
+
 def transformer_config(
     arch: ModelArch,
     *,
@@ -137,7 +175,7 @@ def transformer_config(
         bias_dropout_fusion=on_gpu and use_te,
         masked_softmax_fusion=on_gpu and use_te,
         apply_rope_fusion=on_gpu and use_te,
-        gradient_accumulation_fusion=on_gpu and use_te,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(on_gpu, use_te),
         persist_layer_norm=False,
     )
 
