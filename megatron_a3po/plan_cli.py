@@ -48,18 +48,34 @@ def report(name: str, cfg, arch, source: str, layout: P.Layout, plan: P.Plan) ->
         ("refit gather buffer (2 x largest tensor)", L["refit"]),
         ("reserve (CUDA context, NCCL, fragmentation)", L["reserve"]),
     ]
-    width = max(len(r[0]) for r in rows) + 2
+    offload = "offloaded" in L
+    rollout_label = ("peak, rollout (weights + vLLM + refit + reserve; grads + optimizer on the host)" if offload
+                     else "peak, rollout (model state + vLLM + refit + reserve)")
+    peaks = [("peak, training (model state + activations + logits + reserve)", plan.train_peak),
+             (rollout_label, plan.rollout_peak),
+             ("peak, checkpoint save (model state + reserve; vLLM asleep, no device buffer)", plan.save_peak)]
+    writers, g = int(n["writers_per_node"]), layout.gpus_per_node
+    save_split = f"{writers} writing rank(s) x {L['save_host_writer'] / GiB:.1f}" + (
+        f" + {g - writers} x {L['save_host_other'] / GiB:.1f}" if g > writers else "")
+    host_rows = [
+        ("  rollout (" + (f"{g} x {L['offloaded'] / GiB:.1f} GiB grads + optimizer offloaded)" if offload
+                          else "nothing offloaded: --offload-train-during-rollout is off)"), plan.host["rollout"]),
+        ("  training (vLLM asleep at level 2: no host copy of its weights)", plan.host["train"]),
+        (f"  checkpoint save ({save_split} GiB)", plan.host["save"]),
+    ]
+    host_title = "host memory per node (busiest node; process baselines not counted)"
+    width = max(len(label) for label, _ in rows + peaks + host_rows + [(host_title, 0)]) + 2
     out = [f"{name}: {layout.nodes} node(s) x {layout.gpus_per_node} GPUs, {layout.gpu_memory / GiB:.0f} GiB each",
            f"model: {arch.family}, {n['params']} params ({source}); TP {p.tensor_model_parallel_size} PP "
            f"{p.pipeline_model_parallel_size} CP {p.context_parallel_size} DP {dp}, sequence parallel "
            f"{'on' if p.sequence_parallel else 'off'}, distributed optimizer "
            f"{'on' if t.use_distributed_optimizer else 'off'}",
            f"{'per GPU':<{width}}    GiB"]
-    out += [f"{label:<{width}}{_gib(value)}" for label, value in rows]
+    out += [f"{label:<{width}}{_gib(value)}" for label, value in rows + peaks]
+    out += [f"{host_title:<{width}}    GiB"] + [f"{label:<{width}}{_gib(value)}" for label, value in host_rows]
     state = plan.model_state
-    out += [f"{'peak, training (model state + activations + logits + reserve)':<{width}}{_gib(plan.train_peak)}",
-            f"{'peak, rollout (model state + vLLM + refit + reserve)':<{width}}{_gib(plan.rollout_peak)}",
-            f"model state {state / GiB:.1f} GiB; largest gpu_memory_utilization that fits: {plan.max_utilization:.2f}"]
+    out += [f"model state {state / GiB:.1f} GiB; largest gpu_memory_utilization that fits: {plan.max_utilization:.2f} "
+            f"(KV cache {plan.max_kv_tokens / 1e3:.0f}k tokens" + (", grads + optimizer offloaded)" if offload else ")")]
     if plan.fits:
         headroom = plan.limit - max(plan.train_peak, plan.rollout_peak)
         out.append(f"FITS: {headroom / GiB:.1f} GiB headroom per GPU")
@@ -87,16 +103,19 @@ def markdown_row(name: str, cfg, layout: P.Layout, plan: P.Plan) -> str:
     cells = [name, plan.notes["params"], layout_text, f"{state / GiB:.1f}",
              f"{(L['activations'] + L['logits']) / GiB:.1f}", f"{L['vllm'] / GiB:.1f}",
              f"{L['vllm_kv_cache'] / GiB:.1f} ({plan.kv_tokens / plan.max_model_len:.0f} seq)",
-             f"{plan.train_peak / GiB:.1f}", f"{plan.rollout_peak / GiB:.1f}", "yes" if plan.fits else "**no**"]
+             f"{plan.train_peak / GiB:.1f}", f"{plan.rollout_peak / GiB:.1f}", f"{plan.save_peak / GiB:.1f}",
+             " / ".join(f"{plan.host[phase] / GiB:.0f}" for phase in ("rollout", "train", "save")),
+             "yes" if plan.fits else "**no**"]
     return "| " + " | ".join(cells) + " |"
 
 
 MARKDOWN_HEADER = ("| config | params | layout | model state | activations + logits | vLLM budget | KV cache | "
-                   "training peak | rollout peak | fits |\n|---|---|---|---|---|---|---|---|---|---|")
+                   "training peak | rollout peak | save peak | host per node: rollout / train / save | fits |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="a3po plan", description=__doc__,
+    parser = C.FlagParser(prog="a3po plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)

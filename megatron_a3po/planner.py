@@ -23,10 +23,18 @@ t = TP, p = PP, d = data-parallel size x CP):
 - Colocated vLLM: gpu_memory_utilization x GPU memory while it generates; inside that, its weights (split over
   the rollout TP), an estimate of its activations and CUDA graphs, and the KV cache (2 L (kv_heads / rollout TP)
   head_dim x 2 bytes per token), which must hold at least one max-length sequence or vLLM refuses to start.
-  In sleep mode (level 1) vLLM frees all of it while Megatron trains. The refit gathers one full tensor at a
-  time (2 x the largest: its TP shards and the concatenation).
+  In sleep mode (level 2) vLLM frees all of it while Megatron trains and keeps no host copy of its weights (the
+  refit rewrites them). The refit gathers one full tensor at a time (2 x the largest: its TP shards and the
+  concatenation). --offload-train-during-rollout moves the gradients and optimizer state to the host while vLLM
+  generates: the rollout phase holds the weights (and reference) only, so a larger gpu_memory_utilization (a
+  larger KV cache) fits.
 - Peak = model state + max(training phase, rollout phase) + a reserve for the CUDA context, NCCL buffers and
   allocator fragmentation (--reserve, 6 GiB by default).
+- Checkpoint save (vLLM asleep: trainer.py saves between a sleep and the refit): on the device the model state and
+  the reserve; the optimizer save (optimizer_state.py, megatron-core's memory-efficient fully_reshardable path)
+  allocates no device buffer. On the host: save_host_bytes. Host memory per node is what each phase puts there
+  (offloaded training state, the save's buffers); the processes' own baseline (libraries, CUDA context) is not
+  counted.
 """
 
 from __future__ import annotations
@@ -91,6 +99,33 @@ def model_state_bytes_per_param(half_precision: bool, distributed_optimizer: boo
     return 4.0, 4.0, 8.0 / d if distributed_optimizer else 8.0  # fp32 params and grads, Adam m, v
 
 
+def save_host_bytes(per_gpu: float, half_precision: bool, distributed_optimizer: bool, d: int) -> tuple[float, float]:
+    """Host bytes during a checkpoint save: (a rank that writes, i.e. DP rank 0 of its model-parallel group; any
+    other DP rank). The weights go first (dist_checkpointing's preload_tensors stages the writer's device tensors on
+    the host: 2 or 4 bytes/param) and are freed before the optimizer's save.
+    Distributed optimizer (DistributedOptimizer.get_parameter_state_dp_zero with use_gloo_comm=True,
+    return_on_all_ranks=False, megatron/core/optimizer/distrib_optimizer.py): DP rank 0 allocates the world tensors
+    of param, exp_avg, exp_avg_sq (12 bytes/param); per bucket (one per buffer: overlap_grad_reduce is off) and
+    state key it receives the gather into a list as large as the bucket (4 bytes/param) and concatenates it
+    (4 more), while the previous key's list and concatenation are still referenced until rebound: 3 such buffers
+    at once, 12 bytes/param. Every DP rank first copies its own shards into 3 host buffers (12/d bytes/param).
+    The host tensors are written as they are (preload_tensors copies nothing already on the host).
+    Plain optimizer: the writer stages its fp32 master params and Adam moments (12 bytes/param; 8 in fp32)."""
+    weights = (2.0 if half_precision else 4.0) * per_gpu
+    if distributed_optimizer:
+        shards = 12.0 * per_gpu / d
+        return max(weights, 12.0 * per_gpu + 12.0 * per_gpu + shards), shards
+    return max(weights, (12.0 if half_precision else 8.0) * per_gpu), 0.0
+
+
+def writer_ranks_per_node(tp: int, cp: int, dp: int, nodes: int, gpus_per_node: int) -> list[int]:
+    """How many ranks of each node write a checkpoint (DP rank 0 of the DP x CP group). Megatron's rank order is
+    tp-cp-(ep)-dp-pp: rank = tp_rank + tp (cp_rank + cp (dp_rank + dp pp_rank)), so a writer has
+    (rank // tp) % (cp dp) == 0."""
+    g = gpus_per_node
+    return [sum(1 for r in range(n * g, (n + 1) * g) if (r // tp) % (cp * dp) == 0) for n in range(nodes)]
+
+
 def activation_bytes_per_layer(s: float, b: int, h: int, a: int, t: int, sp: bool, recompute: str | None,
                                flash_attention: bool = False) -> float:
     """Korthikanti et al. 2022, per transformer layer and micro-batch (16-bit activations)."""
@@ -113,8 +148,11 @@ class Plan:
     kv_tokens: float = 0.0
     max_model_len: int = 0
     max_utilization: float = 0.0  # the largest gpu_memory_utilization whose rollout phase fits
+    max_kv_tokens: float = 0.0  # the KV cache at max_utilization
     limit: float = 0.0
     problems: list[str] = field(default_factory=list)
+    save_peak: float = 0.0  # device, during a checkpoint save
+    host: dict[str, float] = field(default_factory=dict)  # phase -> host bytes on the busiest node
 
     @property
     def fits(self) -> bool:
@@ -124,6 +162,11 @@ class Plan:
     def model_state(self) -> float:
         """Resident through both phases: weights, gradients, optimizer, and the reference policy if any."""
         return sum(self.lines.get(k, 0.0) for k in ("weights", "gradients", "optimizer", "reference"))
+
+    @property
+    def rollout_state(self) -> float:
+        """Resident while vLLM generates: the model state less what --offload-train-during-rollout moves out."""
+        return self.model_state - self.lines.get("offloaded", 0.0)
 
 
 def plan(cfg, arch, layout: Layout) -> Plan:
@@ -179,22 +222,34 @@ def plan(cfg, arch, layout: Layout) -> Plan:
     lines["vllm_kv_cache"] = max(0.0, budget - vllm_weights - vllm_acts - _CUDA_GRAPHS)
     lines["refit"] = 2 * largest * dtype_bytes
     lines["reserve"] = layout.reserve
+    if getattr(t, "offload_train_during_rollout", False):  # grads + optimizer state wait on the host
+        lines["offloaded"] = lines["gradients"] + lines["optimizer"]
+    writer, other = save_host_bytes(per_gpu, half, t.use_distributed_optimizer, dp * cp)
+    lines["save_host_writer"], lines["save_host_other"] = writer, other
 
     result = Plan(lines=lines, limit=layout.gpu_memory, max_model_len=seq + 8)  # train.py's max_model_len
     state = result.model_state
+    writers = writer_ranks_per_node(tp, cp, dp, layout.nodes, layout.gpus_per_node)
+    result.host = {"rollout": layout.gpus_per_node * lines.get("offloaded", 0.0),
+                   "train": 0.0,  # level-2 sleep: vLLM keeps no host copy of its weights
+                   "save": max(k * writer + (layout.gpus_per_node - k) * other for k in writers)}
+    result.save_peak = state + layout.reserve  # no device buffer on the memory-efficient path; vLLM asleep
     result.notes = {"params": f"{total / 1e9:.2f}B", "params_per_gpu": f"{per_gpu / 1e9:.2f}B", "dp": str(dp),
-                    "seq": str(seq), "kv_per_token": str(kv_per_token)}
+                    "seq": str(seq), "kv_per_token": str(kv_per_token), "writers_per_node": str(max(writers))}
     result.train_peak = state + acts + lines["logits"] + layout.reserve
-    result.rollout_peak = state + budget + lines["refit"] + layout.reserve
+    result.rollout_peak = result.rollout_state + budget + lines["refit"] + layout.reserve
     result.kv_tokens = lines["vllm_kv_cache"] / kv_per_token
-    free_for_vllm = layout.gpu_memory - (state + lines["refit"] + layout.reserve)
+    free_for_vllm = layout.gpu_memory - (result.rollout_state + lines["refit"] + layout.reserve)
     result.max_utilization = max(0.0, math.floor(free_for_vllm / layout.gpu_memory * 100) / 100)
+    kv_at_max = result.max_utilization * layout.gpu_memory - vllm_weights - vllm_acts - _CUDA_GRAPHS
+    result.max_kv_tokens = max(0.0, kv_at_max) / kv_per_token
     gib = layout.gpu_memory / GiB
     if result.train_peak > layout.gpu_memory:
         result.problems.append(f"training phase needs {result.train_peak / GiB:.1f} GiB > {gib:.0f} GiB")
     if result.rollout_peak > layout.gpu_memory:
+        resident = "the weights (grads + optimizer offloaded)" if "offloaded" in lines else "the model state"
         result.problems.append(f"rollout phase needs {result.rollout_peak / GiB:.1f} GiB > {gib:.0f} GiB "
-                               f"(gpu_memory_utilization {rl.gpu_memory_utilization} on top of the model state)")
+                               f"(gpu_memory_utilization {rl.gpu_memory_utilization} on top of {resident})")
     if result.kv_tokens < result.max_model_len:
         result.problems.append(f"vLLM KV cache holds {result.kv_tokens:.0f} tokens, less than one sequence of "
                                f"{result.max_model_len}: vLLM refuses to start")
@@ -222,6 +277,8 @@ def suggestions(cfg, arch, layout: Layout, gpus_per_node: int) -> list[tuple[str
     pp = p.pipeline_model_parallel_size * 2
     if arch.num_layers % pp == 0 and layout.world % (p.tensor_model_parallel_size * pp * p.context_parallel_size) == 0:
         candidates.append((f"--pipeline-model-parallel-size {pp}", {"parallel.pipeline_model_parallel_size": pp}))
+    if (m.bf16 or m.fp16) and not getattr(t, "offload_train_during_rollout", False):
+        candidates.append(("--offload-train-during-rollout", {"training.offload_train_during_rollout": True}))
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         candidates.append(("--sequence-parallel", {"parallel.sequence_parallel": True}))
     base = plan(cfg, arch, layout)

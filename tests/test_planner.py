@@ -5,6 +5,7 @@ every paper config for 16 x H200."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -121,6 +122,65 @@ def test_logits_kv_cache_and_phases_by_hand():
     assert plan.fits and plan.max_model_len == 2048 + 8
 
 
+def test_checkpoint_save_row_by_hand():
+    """Issue 24, item 2. The save runs while vLLM sleeps; megatron-core's memory-efficient fully_reshardable path
+    (DistributedOptimizer.get_parameter_state_dp_zero with use_gloo_comm=True, return_on_all_ranks=False) allocates
+    no device buffer. On the host, DP rank 0 of each model-parallel group holds fp32 param + exp_avg + exp_avg_sq
+    of its shard (12 B/param) plus, per state key, the gather's receive list and its concatenation with the previous
+    key's pair still referenced (3 x 4 B/param, the one bucket is the whole buffer); every DP rank copies its own
+    shards first (12 B/param / DP). 2 nodes x 8 GPUs, TP 1, DP 16 (the dense 7B, bf16, distributed optimizer)."""
+    layout = P.Layout(nodes=2, gpus_per_node=8, gpu_memory=141 * GiB)
+    plan = P.plan(cfg_for("--tensor-model-parallel-size", "1", "--use-distributed-optimizer"), ARCH, layout)
+    state = (2 + 4 + 12 / 16) * TOTAL  # bf16 weights, fp32 grads, fp32 master + Adam m, v over DP 16
+    assert plan.save_peak == pytest.approx(state + 6 * GiB)  # model state + reserve: no save buffer on the device
+    writer = 12 * TOTAL + 12 * TOTAL + 12 * TOTAL / 16  # world tensors + 3 buffers in flight + own shards
+    other = 12 * TOTAL / 16
+    assert plan.lines["save_host_writer"] == pytest.approx(writer) and plan.lines["save_host_other"] == pytest.approx(other)
+    # rank order tp-cp-dp-pp: at TP 1 the only DP-rank-0 rank is rank 0, on node 0
+    assert plan.host["save"] == pytest.approx(writer + 7 * other)
+    assert plan.host["save"] == pytest.approx(30 * TOTAL)  # 24 + 8 x 12/16 B/param: 188.3 GiB on node 0
+    assert plan.host["save"] / GiB == pytest.approx(188.27, abs=0.01)
+    assert plan.host["train"] == 0  # level-2 sleep: vLLM keeps no host copy of its weights
+    assert plan.host["rollout"] == 0  # nothing offloaded unless --offload-train-during-rollout
+
+    # TP 8 on 16 GPUs: DP 2, the DP-rank-0 ranks 0-7 fill node 0
+    plan = P.plan(cfg_for("--tensor-model-parallel-size", "8", "--use-distributed-optimizer"), ARCH, layout)
+    per_gpu = L * ((4 * H * H + 3 * H * FFN) / 8 + 2 * H) + 2 * P.padded_vocab(V, 128, 8) * H / 8 + H
+    writer = 12 * per_gpu + 12 * per_gpu + 12 * per_gpu / 2
+    assert plan.host["save"] == pytest.approx(8 * writer)
+    # TP 4 x PP 2: DP 2; writers are ranks 0-3 (stage 0) and 8-11 (stage 1): 4 per node, 4 others
+    plan = P.plan(cfg_for("--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "2",
+                          "--use-distributed-optimizer"), ARCH, layout)
+    assert P.writer_ranks_per_node(4, 1, 2, 2, 8) == [4, 4]
+    assert plan.host["save"] == pytest.approx(4 * plan.lines["save_host_writer"] + 4 * plan.lines["save_host_other"])
+    # Without the distributed optimizer the main replica stages its fp32 master params and Adam moments: 12 B/param
+    plan = P.plan(cfg_for("--tensor-model-parallel-size", "1"), ARCH, layout)
+    assert plan.lines["save_host_writer"] == 12 * TOTAL and plan.lines["save_host_other"] == 0
+
+
+def test_offload_during_rollout_moves_grads_and_optimizer_to_the_host():
+    """--offload-train-during-rollout: while vLLM generates, the fp32 grads (4 B/param) and the sharded optimizer
+    (12 B/param / DP) wait on the host; the rollout phase holds the bf16 weights only, so the largest
+    gpu_memory_utilization that fits (and the KV cache it buys) grows."""
+    layout = P.Layout(nodes=1, gpus_per_node=8, gpu_memory=141 * GiB)
+    cfg = cfg_for("--tensor-model-parallel-size", "1", "--use-distributed-optimizer", "--gpu-memory-utilization", "0.5")
+    off = P.plan(cfg, ARCH, layout)
+    cfg.training.offload_train_during_rollout = True
+    on = P.plan(cfg, ARCH, layout)
+    moved = (4 + 12 / 8) * TOTAL  # DP 8
+    assert on.lines["offloaded"] == pytest.approx(moved) and "offloaded" not in off.lines
+    assert off.rollout_peak - on.rollout_peak == pytest.approx(moved)
+    assert on.rollout_peak == pytest.approx(2 * TOTAL + 0.5 * 141 * GiB + 2 * V * H * 2 + 6 * GiB)
+    assert on.train_peak == off.train_peak and on.save_peak == off.save_peak  # restored before training
+    assert on.host["rollout"] == pytest.approx(8 * moved) and off.host["rollout"] == 0
+    # largest utilization: floor((141 GiB - resident - refit - reserve) / 141 GiB, 2 digits)
+    refit, reserve = 2 * V * H * 2, 6 * GiB
+    assert off.max_utilization == math.floor((141 * GiB - 7.5 * TOTAL - refit - reserve) / (141 * GiB) * 100) / 100
+    assert on.max_utilization == math.floor((141 * GiB - 2 * TOTAL - refit - reserve) / (141 * GiB) * 100) / 100
+    assert (off.max_utilization, on.max_utilization) == (0.62, 0.86)  # (141 - 47.1 - 0.5 - 6) / 141; 12.6 GiB resident
+    assert on.max_kv_tokens > off.max_kv_tokens
+
+
 def test_memory_sizes_parse():
     assert P.parse_memory("141GiB") == 141 * GiB == P.parse_memory("141G")
     assert P.parse_memory("80GB") == 80e9 and P.parse_memory("1.5TiB") == 1.5 * 2**40
@@ -137,14 +197,21 @@ def test_every_paper_config_fits_16_h200(path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "FITS:" in out, out
     assert "known architecture of" in out and "vLLM budget" in out and "KV cache" in out
+    assert "peak, checkpoint save" in out and "host memory per node" in out and "  checkpoint save (" in out
 
 
 def test_over_budget_names_the_knob_that_fits(capsys):
     path = REPO / "configs/qwen3-8b-base_a3po.yaml"
     code = a3po(["plan", "--config", str(path), "--nodes", "2", "--gpu-memory-utilization", "0.9"])
     out = capsys.readouterr().out
-    assert code == 1 and "DOES NOT FIT: rollout phase needs" in out
-    assert "try --gpu-memory-utilization 0.73:" in out and "-> fits" in out
+    assert code == 1 and "DOES NOT FIT: rollout phase needs" in out and "on top of the weights (grads + optimizer" in out
+    assert "try --gpu-memory-utilization 0.88:" in out and "-> fits" in out  # grads + optimizer offloaded
+    code = a3po(["plan", "--config", str(path), "--nodes", "2", "--gpu-memory-utilization", "0.9",
+                 "--no-offload-train-during-rollout"])
+    out = capsys.readouterr().out  # the model state stays on the device through the rollout
+    assert code == 1 and "try --gpu-memory-utilization 0.73:" in out
+    # offloading frees the 21.0 GiB of grads + optimizer per GPU for the rollout (163.8 -> 142.8 GiB)
+    assert "rollout phase needs 163.8 GiB" in out and "try --offload-train-during-rollout: training 50.4 GiB, rollout 142.8" in out
     code = a3po(["plan", "--config", str(path), "--nodes", "2", "--recompute-granularity", "selective",
                  "--max-tokens-per-gpu", "0", "--micro-batch-size", "16", "--no-use-distributed-optimizer"])
     out = capsys.readouterr().out  # padded micro-batches (packing off)
