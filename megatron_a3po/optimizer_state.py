@@ -19,10 +19,13 @@ import torch
 # - off (megatron-core's default): an NCCL all_gather into device buffers of the whole bucket (one bucket per
 #   buffer here: overlap_grad_reduce is off) per state key, and every DP rank keeps host copies of all states
 #   (fp32 param, exp_avg, exp_avg_sq: 12 bytes x the rank's model-parallel shard of parameters). On Qwen2.5-32B
-#   (TP 8) that is ~16 GiB of device buffers + 4 GiB for the send copy, and ~49 GB of host memory on every rank.
+#   (TP 8, DP 2, 4.1B params per GPU) that is 15 GiB of receive buffers + 8 GiB for the send copy on the device,
+#   on top of an awake vLLM, and ~49 GB of host memory on every rank.
 # - on: a gather over the gloo DP group into host buffers on DP rank 0 only, returned (and written) by DP rank 0;
 #   no device buffer at all, and DP ranks > 0 only hold their own shards. DP rank 0's host peak is the same
-#   (12 bytes/param of world tensors + 3 host buckets in flight: planner.save_host_bytes counts them).
+#   (12 bytes/param of world tensors + 3 host buckets in flight: planner.save_host_bytes counts them). The gloo
+#   group is megatron-core's own (initialize_model_parallel creates it by default; get_parameter_state_dp_zero
+#   asserts it exists, which the DP=2 test in tests/test_optimizer_dp.py runs).
 # Loading is the same in both ("interchangeable from MCore's perspective", says its docstring).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                       "distrib_optim_fully_reshardable_mem_efficient": True}
