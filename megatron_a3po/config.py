@@ -68,6 +68,8 @@ class TrainingConfig:
     keep_last_checkpoints: int = 0  # retention: keep the newest K step checkpoints (0: keep all)
     keep_checkpoint_interval: int = 0  # ... and every N-th step's as well (0: none extra)
     allow_config_change: bool = False  # resume although the algorithm or model settings changed
+    # grad buffers and optimizer state off the GPU while vLLM generates (its KV cache gets that memory)
+    offload_train_during_rollout: bool = False
 
 
 @dataclass
@@ -251,6 +253,11 @@ def validate(cfg: Config, world_size: int | None = None, arch=None) -> None:
         raise ConfigError(f"--clip-grad must be >= 0 (0 disables clipping), got {t.clip_grad}")
     if m.bf16 and m.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive; pass one")
+    if t.offload_train_during_rollout and not (m.bf16 or m.fp16):
+        # megatron-core's MegatronOptimizer.offload_to_cpu moves the inner optimizer's parameters: separate fp32
+        # main params under bf16/fp16, but the model's own weights (or views of them) in fp32 training
+        raise ConfigError("--offload-train-during-rollout needs --bf16 or --fp16 (in fp32 the optimizer's "
+                          "parameters are the model's weights); add --bf16 or pass --no-offload-train-during-rollout")
     check_model_flags(cfg)
     if t.ref_load is not None:
         if cfg.rl.kl_coef <= 0:

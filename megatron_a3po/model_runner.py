@@ -45,6 +45,7 @@ class PolicyModel:
         self.token_multiple = packing.token_multiple_of(cfg)  # what every micro-batch's token dim is a multiple of
         self.dp_size = ps.get_data_parallel_world_size()
         self.optimizer = self.scheduler = None
+        self.train_state_offloaded = False  # offload_train_state / restore_train_state
         if frozen:
             for chunk in chunks:
                 chunk.requires_grad_(False)
@@ -91,14 +92,51 @@ class PolicyModel:
             wd_incr_style="constant",
         )
 
+    # ---- memory handoff with vLLM ------------------------------------------------------------------------------
+
+    def offload_train_state(self) -> None:
+        """Free the DDP grad buffers and move the optimizer state to host while vLLM generates
+        (--offload-train-during-rollout). megatron-core's own calls: DistributedDataParallel.offload_grad_buffers
+        (each buffer's storage resized to 0; the param.main_grad and bucket views stay valid objects) and
+        MegatronOptimizer.offload_to_cpu (moves every device tensor of the inner optimizer: its parameters, i.e.
+        the fp32 main params under bf16/fp16, and Adam's moments). The weights stay: refit and the next step's
+        forward read them. Idempotent."""
+        if self.optimizer is None or self.train_state_offloaded:
+            return
+        for chunk in self.chunks:
+            chunk.offload_grad_buffers(synchronize=True, empty_cache=False)
+        self.optimizer.offload_to_cpu()  # ends with torch.cuda.empty_cache(): the freed blocks go back to CUDA
+        self.train_state_offloaded = True
+
+    def restore_train_state(self) -> None:
+        """Undo offload_train_state before the step computes: grad buffers reallocated (zeroed, as
+        zero_grad_buffer would) and the optimizer state back on the device, bitwise. Idempotent."""
+        if not self.train_state_offloaded:
+            return
+        for chunk in self.chunks:
+            chunk.restore_grad_buffers(synchronize=False)
+        self.optimizer.restore_from_cpu()
+        self.train_state_offloaded = False
+
     # ---- weights ----------------------------------------------------------------------------------------------
 
     def load_hf(self, hf_path: str) -> int:
         from megatron_a3po.models.hf_io import HFWeights
 
         weights = HFWeights(hf_path)
-        return hf_mapping.load_into_model(self.chunks, self.arch, weights.get, self.padded_vocab,
-                                          self.tp_rank, self.tp_size, read_hf_into=weights.read_into)
+        loaded = hf_mapping.load_into_model(self.chunks, self.arch, weights.get, self.padded_vocab,
+                                            self.tp_rank, self.tp_size, read_hf_into=weights.read_into)
+        self.weights_loaded()
+        return loaded
+
+    def weights_loaded(self) -> None:
+        """Call after writing weights into the model outside the optimizer (an HF or converted checkpoint). A
+        bf16/fp16 optimizer keeps fp32 main params cloned from the weights when it was built; without this the
+        first step writes that random initialisation back over the loaded weights. megatron-core's
+        MegatronOptimizer.reload_model_params copies them over (what Megatron-LM's load_checkpoint calls when it
+        loads no optimizer state); a no-op for the fp32 optimizer, whose params are the weights."""
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()
 
     def copy_weights_from(self, other: "PolicyModel") -> None:
         """This model's weights := `other`'s (same config and layout: the reference starts as the policy does)."""

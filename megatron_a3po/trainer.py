@@ -45,6 +45,7 @@ class RLTrainer:
         if ("ref_logprobs" in self.algorithm.needs) != (reference is not None):
             raise ValueError("RLTrainer needs a reference model exactly when the algorithm needs ref_logprobs "
                              f"(--kl-coef > 0); algorithm: {self.algorithm.describe()}")
+        self.offload_train = cfg.training.offload_train_during_rollout
         self.logprob_settings = LogprobSettings(temperature=self.rl.rollout_temperature,
                                                 vocab_size=policy.arch.vocab_size, minp_kappa=self.algorithm.minp_kappa)
         t = cfg.training
@@ -97,8 +98,9 @@ class RLTrainer:
         syncs_before = platform.host_syncs()  # None unless CUDA emulation counts them
         # 1-2. Rollout (vLLM, n responses per prompt; every rank ends up with the whole batch) and verifiable
         # outcome reward; with dynamic sampling, only prompt groups whose rewards vary (more rounds if needed).
+        self.to_rollout()  # --offload-train-during-rollout: grads and optimizer state off the device first
         batch, rewards, sampling_metrics = self.collect_rollouts(step, timer)
-        self.engine.sleep()  # CUDA: free vLLM's KV cache and weights for training (no-op on CPU)
+        self.to_training()  # vLLM sleeps (level 2: refit rewrites its weights), training memory comes back
         if batch is None:  # dynamic sampling found no full mini-batch of informative groups: nothing to train on
             return {**sampling_metrics, **timer.as_metrics(), "train/skipped_updates": 0.0}
         # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A).
@@ -219,6 +221,23 @@ class RLTrainer:
         return torch.tensor([overlong_penalty(n, rl.max_response_length, rl.overlong_buffer_len,
                                               rl.overlong_penalty_factor) for n in batch.response_lengths.tolist()])
 
+    # ---- memory handoff: vLLM's KV cache and Megatron's training state take turns on the device ---------------
+
+    def to_rollout(self) -> None:
+        """Before vLLM wakes its KV cache: with --offload-train-during-rollout, Megatron's grad buffers and
+        optimizer state leave the device (the weights stay: refit has read them, old log-probs will)."""
+        if self.offload_train:
+            self.policy.offload_train_state()
+
+    def to_training(self, keep_weights: bool = False) -> None:
+        """After generation: vLLM releases its memory (see RolloutEngine.sleep), then the training state returns."""
+        if keep_weights:
+            self.engine.sleep(keep_weights=True)
+        else:
+            self.engine.sleep()
+        if self.offload_train:
+            self.policy.restore_train_state()
+
     # ---- evaluation -------------------------------------------------------------------------------------------
 
     def evaluate(self, step: int, log: bool = True) -> dict:
@@ -228,8 +247,11 @@ class RLTrainer:
         k = self.rl.eval_n
         sampling = SamplingConfig(n=k, temperature=self.rl.eval_temperature, top_p=self.rl.eval_top_p,
                                   max_new_tokens=self.rl.max_response_length, seed=self.cfg.training.seed + 7)
+        self.to_rollout()
         out = evaluate_items(self.engine, self.tokenizer, items, sampling, reward_fn=self.reward_fn,
                              step=10_000 + step)
+        if self.offload_train:  # give the device back to training; no refit follows, so vLLM keeps its weights
+            self.to_training(keep_weights=True)
         result = {"val/avg@k": out[f"avg@{k}"], "val/pass@k": out[f"pass@{k}"], "val/k": float(k)}
         result.update({f"val/{name}": float(v) for name, v in out.items()
                        if name.startswith(("pass@", "length_")) or name == "truncated_fraction"})

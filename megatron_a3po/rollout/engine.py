@@ -58,7 +58,7 @@ class RolloutEngine:
                                        seed=seed + self.group, dtype=dtype, load_format=load_format,
                                        gpu_memory_utilization=gpu_memory_utilization, on_gpu=self.on_gpu))
         torch.set_num_threads(threads)  # vLLM's CPU worker rebinds OpenMP threads; keep the trainer's setting
-        self.sleeping = False
+        self.memory = VllmMemory()  # which of vLLM's allocations are released; the sleep/wake plan
         # external_launcher: the model and vLLM's loggers live in this process, so the filter goes here
         self._log_filter = log_filter.install(set().union(*self.llm.collective_rpc(_nothing_to_load)))
         from megatron_a3po import parallel
@@ -147,24 +147,96 @@ class RolloutEngine:
 
     def refit(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full HF-named tensors streamed from the live Megatron model; vLLM re-shards for its own TP and
-        re-packs CPU/GPU kernel layouts layer by layer. In memory only; never through disk."""
-        self.wake_up()
+        re-packs CPU/GPU kernel layouts layer by layer. In memory only; never through disk. Wakes the weights
+        only: the KV cache stays released until the next generation (split wake-up)."""
+        self._apply(self.memory.before_refit())
         if not self.on_gpu:  # vLLM's CPU backend under CUDA emulation: its weights are host tensors
             weights = ((name, platform.emulated_host_copy(t)) for name, t in weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                           "is_checkpoint_format": True})
         self.llm.collective_rpc(_repack_tied_cpu_heads)
+        self.memory.refitted()
 
-    def sleep(self) -> None:
-        """CUDA: release KV cache and weights before training (level 1 keeps weights in host memory)."""
-        if self.on_gpu and not self.sleeping:
-            self.llm.sleep(level=1)
-            self.sleeping = True
+    def sleep(self, keep_weights: bool = False) -> None:
+        """Release vLLM's device memory for training: level 2 (weights and KV cache discarded; the next refit
+        rewrites every weight), or level 1 with `keep_weights` (weights copied to host, for when no refit comes
+        before the next generation)."""
+        self._apply(self.memory.sleep(keep_weights))
 
     def wake_up(self) -> None:
-        if self.on_gpu and self.sleeping:
-            self.llm.wake_up()
-            self.sleeping = False
+        """Ready to generate: wake whatever is asleep (the KV cache; weights too after a level-1 sleep)."""
+        self._apply(self.memory.before_generate())
+
+    @property
+    def sleeping(self) -> bool:
+        return bool(self.memory.asleep)
+
+    def _apply(self, calls: list[tuple[str, dict]]) -> None:
+        """Make the planned vLLM calls. vLLM's CPU backend has no sleep mode (vllm/config/model.py
+        ModelConfig.__post_init__ raises "Sleep mode is not supported on current platform." for
+        enable_sleep_mode there), so on CPU the plan is kept, and its rules enforced, without the calls."""
+        for method, kwargs in calls:
+            if self.on_gpu:
+                getattr(self.llm, method)(**kwargs)
+
+
+class VllmMemory:
+    """What vLLM holds on the device between phases, and the LLM.sleep / LLM.wake_up calls that move it.
+
+    One step: generate (weights + KV cache) -> sleep(level=2): both discarded, nothing copied to host ->
+    train -> wake_up(tags=["weights"]) -> refit rewrites every weight -> wake_up(tags=["kv_cache"]) just before
+    the next generation, so the KV cache is never resident with Megatron's training memory or during refit.
+    vLLM's rules this follows (0.32): a level-2 sleep saves the model's buffers (rotary caches ...) to host and
+    restores them when "weights" wake (v1/worker/gpu_worker.py Worker.sleep/wake_up), but the parameters come
+    back as uninitialised memory (device_allocator/sleep_mode_backend.py CuMemBackend.suspend offloads
+    "weights" at level 1 only), hence "refit before generating". The executor drops a wake_up whose tag is
+    not asleep with only a warning and a sleep while "weights" are asleep likewise (v1/executor/abstract.py
+    Executor.wake_up/sleep), and the scheduler resumes only once nothing is asleep (v1/engine/core.py
+    EngineCore.wake_up), so the plan asks for exactly the tags that are asleep, and wakes everything before
+    generating."""
+
+    ALL = ("weights", "kv_cache")
+
+    def __init__(self):
+        self.asleep: set[str] = set()
+        self.weights_discarded = False  # a level-2 sleep since the last refit: the weights are garbage
+
+    def sleep(self, keep_weights: bool = False) -> list[tuple[str, dict]]:
+        if "weights" in self.asleep:  # vLLM ignores it (Executor.sleep); nothing more to free
+            return []
+        self.asleep = set(self.ALL)
+        self.weights_discarded = not keep_weights
+        return [("sleep", {"level": 1 if keep_weights else 2})]
+
+    def before_refit(self) -> list[tuple[str, dict]]:
+        if "weights" not in self.asleep:
+            return []
+        self.asleep.discard("weights")
+        return [("wake_up", {"tags": ["weights"]})]
+
+    def refitted(self) -> None:
+        self.weights_discarded = False
+
+    def before_generate(self) -> list[tuple[str, dict]]:
+        if self.weights_discarded:
+            raise RuntimeError("vLLM's weights were discarded by a level-2 sleep and not refit since: call "
+                               "refit() before generating (or sleep(keep_weights=True) when no refit follows)")
+        tags = [tag for tag in self.ALL if tag in self.asleep]
+        self.asleep.clear()
+        if not tags:
+            return []
+        return [("wake_up", {"tags": None if len(tags) == len(self.ALL) else tags})]
+
+
+def _agree_shm_ident(rollout_tp: int) -> str:
+    """Collective: one segment identifier per rollout group (its first rank's pid, a token drawn by rank 0)."""
+    import secrets
+
+    mine = (os.getpid(), secrets.token_hex(4))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    leader = dist.get_rank() // rollout_tp * rollout_tp
+    return cpu_shm.make_ident(everyone[leader][0], everyone[0][1])
 
 
 def _nothing_to_load(worker) -> set[str]:
