@@ -209,7 +209,7 @@ def megatron_to_hf(args) -> int:
 # ---- command line -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="a3po-convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="a3po-convert", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def parallel_flags(p, help_suffix):
@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="M", help="PP ranks " + help_suffix)
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron dist checkpoint (+ metadata)")
+    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron dist checkpoint (+ metadata)",
+                         allow_abbrev=False)  # as Megatron-LM: a new flag must not change what an abbreviation means
     h2m.add_argument("--hf-path", required=True, help="HF model dir (config.json, safetensors, tokenizer)")
     h2m.add_argument("--output", required=True, help="new Megatron checkpoint dir")
     h2m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parallel_flags(h2m, "to convert with (any TP/PP can load the result)")
 
-    m2h = sub.add_parser("megatron-to-hf", help="Megatron dist checkpoint -> HF safetensors + config + tokenizer")
+    m2h = sub.add_parser("megatron-to-hf", help="Megatron dist checkpoint -> HF safetensors + config + tokenizer",
+                         allow_abbrev=False)
     m2h.add_argument("--megatron-path", required=True, help="dir written by hf-to-megatron (or training)")
     m2h.add_argument("--output", required=True, help="new HF model dir")
     m2h.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -236,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parallel_flags(m2h, "to read the checkpoint with (spreads memory over ranks)")
 
-    ver = sub.add_parser("verify", help="same tokens through HF transformers and Megatron; compare logits")
+    ver = sub.add_parser("verify", help="same tokens through HF transformers and Megatron; compare logits",
+                         allow_abbrev=False)
     ver.add_argument("--hf-path", required=True)
     ver.add_argument("--megatron-path", required=True)
     ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (default 1e-4)")

@@ -128,7 +128,17 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err}); give a readable UTF-8 YAML file") from None
+    except yaml.YAMLError as err:  # one line: where (1-based, as editors count) and what, not a traceback
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        context = getattr(err, "context", None)
+        raise ConfigError(f"--config {path}: invalid YAML at {where}{problem}"
+                          f"{f' ({context})' if context else ''}; fix the file's syntax there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of sections (parallel:, model:, training:)")
     return data
@@ -144,7 +154,12 @@ def from_dict(data: dict, source: str = "config", cfg: Config | None = None) -> 
         section = sections[section_name]
         types = _field_types(type(section))
         aliases = getattr(type(section), "YAML_ALIASES", {})
+        if not isinstance(values or {}, dict):
+            raise ConfigError(f"{source}: section {section_name}: must be a mapping of key: value lines, got "
+                              f"{type(values).__name__} {values!r:.60}")
         for key, value in (values or {}).items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: {section_name}: key {key!r} is not a name; known: {', '.join(types)}")
             key = aliases.get(key.replace("-", "_"), key.replace("-", "_"))
             if key not in types:
                 raise ConfigError(f"{source}: unknown key {section_name}.{key}; known: {', '.join(types)}")
@@ -172,8 +187,30 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse that refuses abbreviated flags, as Megatron-LM's arguments.py does (allow_abbrev=False): a new
+    flag could otherwise silently change what an abbreviation means. Refusing one names the flag(s) it
+    abbreviates. Every command line of the package uses it (or allow_abbrev=False)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        head, _, unknown = message.partition("unrecognized arguments: ")
+        hints = []
+        for arg in unknown.split() if not head else []:
+            flag = arg.partition("=")[0]
+            full = sorted(o for o in self._option_string_actions if flag.startswith("--") and o.startswith(flag))
+            if full:
+                hints.append(f"{flag} abbreviates {' or '.join(full)}")
+        if hints:
+            message += f" ({'; '.join(hints)}: flags are not abbreviated, spell them in full)"
+        super().error(message)
+
+
 def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=description)
+    parser = FlagParser(description=description)
     parser.add_argument("--config", action="append", default=[],
                         help="YAML config; repeat to overlay (later files win, e.g. a paper setup then a baseline); "
                              "flags override all")

@@ -22,7 +22,7 @@ from megatron_a3po.errors import DatasetError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-SKIP_HINT = "fix the row, or pass skip_bad_rows=True to skip and count bad rows"
+SKIP_HINT = "fix or remove that row (in Python, PromptDataset's skip_bad_rows=True skips and counts bad rows)"
 
 
 @dataclass
@@ -36,11 +36,26 @@ class PromptItem:
 
 
 def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
-    """(row number, row) pairs from .parquet, .jsonl (JSON lines) or .json (lines or one array)."""
+    """(row number, row) pairs from .parquet, .jsonl (JSON lines) or .json (lines or one array). A file that
+    cannot be read (permissions, not parquet, not UTF-8, a broken JSON array) is a DatasetError naming it."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset file {path} does not exist")
+    if not path.is_file():
+        raise DatasetError(f"dataset {path} is not a file; give a .parquet or .jsonl file")
     suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".jsonl", ".json"):
+        raise DatasetError(f"unsupported dataset file {path}: use .parquet or .jsonl (one JSON object per line)")
+    try:
+        yield from _rows(path, suffix)
+    except DatasetError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DatasetError(f"cannot read dataset file {path}: {' '.join(str(exc).split())[:300]}; give a readable "
+                           ".parquet file or UTF-8 JSON lines in the DAPO-Math-17k schema") from None
+
+
+def _rows(path: Path, suffix: str) -> Iterable[tuple[int, Any]]:
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -53,7 +68,7 @@ def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
     elif suffix == ".json" and path.read_text(encoding="utf-8").lstrip()[:1] == "[":
         for i, row in enumerate(json.loads(path.read_text(encoding="utf-8"))):  # a JSON array of rows
             yield i, row
-    elif suffix in (".jsonl", ".json"):
+    else:
         with path.open(encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if not line.strip():
@@ -62,8 +77,6 @@ def read_rows(path: str | Path) -> Iterable[tuple[int, Any]]:
                     yield i, json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield i, _Malformed(f"invalid JSON ({exc.msg} at column {exc.colno})")
-    else:
-        raise DatasetError(f"unsupported dataset file {path}: use .parquet or .jsonl (one JSON object per line)")
 
 
 @dataclass
@@ -128,10 +141,11 @@ def tokenize_prompt(tokenizer, prompt: str | list[dict], raw_prompt: bool = Fals
 
 
 class PromptDataset:
-    """Tokenized prompts with ground truths. `stats`: rows, bad_rows, too_long, kept."""
+    """Tokenized prompts with ground truths. `stats`: rows, bad_rows, too_long (filtered out), kept; `longest`:
+    the longest prompt in tokens, filtered ones included."""
 
-    def __init__(self, items: list[PromptItem], stats: dict[str, int], name: str):
-        self.items, self.stats, self.name = items, stats, name
+    def __init__(self, items: list[PromptItem], stats: dict[str, int], name: str, longest: int = 0):
+        self.items, self.stats, self.name, self.longest = items, stats, name, longest
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[str, Any]], tokenizer, *, max_prompt_length: int,
@@ -139,7 +153,7 @@ class PromptDataset:
         """`rows` are (location, row) pairs; the location ("file.parquet row 7") is used in errors."""
         if max_prompt_length <= 0:
             raise ValueError(f"max_prompt_length must be > 0, got {max_prompt_length}")
-        items, stats = [], {"rows": 0, "bad_rows": 0, "too_long": 0, "kept": 0}
+        items, stats, longest = [], {"rows": 0, "bad_rows": 0, "too_long": 0, "kept": 0}, 0
         for where, row in rows:
             stats["rows"] += 1
             try:
@@ -150,6 +164,7 @@ class PromptDataset:
                 stats["bad_rows"] += 1
                 continue
             ids = tokenize_prompt(tokenizer, prompt, raw_prompt)
+            longest = max(longest, len(ids))
             if len(ids) > max_prompt_length:
                 stats["too_long"] += 1
                 continue
@@ -162,9 +177,10 @@ class PromptDataset:
                            stats["too_long"], max_prompt_length)
         if not items:
             raise DatasetError(f"{name}: no usable prompts ({stats['rows']} rows, {stats['bad_rows']} bad, "
-                               f"{stats['too_long']} longer than max_prompt_length={max_prompt_length}); "
-                               "check the path, the schema, or raise max_prompt_length")
-        return cls(items, stats, name)
+                               f"{stats['too_long']} longer than --max-prompt-length {max_prompt_length}, the "
+                               f"longest {longest} tokens); check the path and the schema, or raise max_prompt_length "
+                               "(--max-prompt-length)")
+        return cls(items, stats, name, longest)
 
     @classmethod
     def from_files(cls, paths: str | Path | Sequence[str | Path], tokenizer, *, max_prompt_length: int,

@@ -9,8 +9,10 @@ the converter use its `model_source`. The pass:
   3. --load: a converted checkpoint (start weights), a training checkpoint or a --save dir (resume);
   4. the model (ModelSource: architecture, HF config, tokenizer files) from exactly one source;
   5. resuming: the checkpoint's run is this run (or --allow-config-change);
-  6. everything else against the layout and the architecture (config.validate).
-The Config given is not modified: `job.cfg` is the resolved copy.
+  6. in RL, the rollout context (--max-prompt-length + --max-response-length) against the model's;
+  7. everything else against the layout and the architecture (config.validate).
+The Config given is not modified: `job.cfg` is the resolved copy. `check_inputs(job)` (--dry-run, pre-flight)
+then reads what the job reads later on its ranks: the tokenizer, every dataset row, the reward function.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ class Job:
     @property
     def resuming(self) -> bool:
         return self.resume_dir is not None
+
+    @property
+    def rollout_max_model_len(self) -> int:
+        """vLLM's max_model_len for the rollout engine (rollout_max_model_len)."""
+        return rollout_max_model_len(self.cfg)
 
     @property
     def start_checkpoint(self) -> Path | None:
@@ -155,9 +162,55 @@ def resolve_job(cfg: C.Config, world_size: int, *, rl: bool = True) -> Job:
             for warning in warnings:
                 print(f"warning: resuming with a changed setting ({warning}); the resumed run is not an exact "
                       "continuation", file=sys.stderr)
+    if rl:  # before validate: its token-budget advice would follow from lengths the model cannot take anyway
+        check_context_length(cfg, model)
     C.validate(cfg, world_size=world_size, arch=model.arch)
     return Job(cfg, layout_of(cfg, world_size, model.arch.num_layers), model, resume_dir, resume_state,
                tuple(warnings))
+
+
+def rollout_max_model_len(cfg: C.Config) -> int:
+    """The rollout engine's max_model_len: the longest prompt plus the longest response, no slack. vLLM accepts
+    a prompt shorter than max_model_len (vllm/v1/engine/input_processor.py, InputProcessor._validate_prompt_len)
+    and ends a request when prompt + output tokens reach it (vllm/v1/core/sched/utils.py, check_stop), so a
+    prompt of <= --max-prompt-length tokens always gets its --max-response-length tokens."""
+    return cfg.rl.max_prompt_length + cfg.rl.max_response_length
+
+
+# The HF config keys vLLM reads a context length from, the smallest present winning, and the RoPE types whose
+# `factor` it does NOT apply on top (vllm/transformers_utils/model_arch_config_convertor.py
+# derive_max_model_len_and_key; vllm/config/model.py _get_and_verify_max_len).
+_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+_UNSCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def model_context_length(hf_config: dict) -> tuple[int, str] | None:
+    """(the largest max_model_len vLLM starts this model with, where it comes from), or None when the config names
+    none (vLLM then takes any). vLLM's rule (vllm/config/model.py _get_and_verify_max_len raises a ValueError
+    above it): the smallest of the length keys (model_max_length, when set, overrides), times the RoPE scaling
+    factor of a linear / dynamic RoPE."""
+    lengths = {k: hf_config[k] for k in _LENGTH_KEYS if isinstance(hf_config.get(k), (int, float))}
+    if not lengths:
+        return None
+    key = "model_max_length" if hf_config.get("model_max_length") else min(lengths, key=lengths.get)
+    length, source = lengths[key], key
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in _UNSCALED_ROPE and rope.get("factor"):
+        length, source = length * rope["factor"], f"{key} {lengths[key]} x {rope_type} RoPE factor {rope['factor']}"
+    return int(length), source
+
+
+def check_context_length(cfg: C.Config, model: ModelSource) -> None:
+    """A rollout that cannot fit the model's context is refused here, not in every rank's vLLM start-up."""
+    context, wanted = model_context_length(model.hf_config), rollout_max_model_len(cfg)
+    if context is not None and wanted > context[0]:
+        rl, (limit, source) = cfg.rl, context
+        raise ConfigError(f"--max-prompt-length {rl.max_prompt_length} + --max-response-length "
+                          f"{rl.max_response_length} = {wanted} tokens exceeds the model's context of {limit} tokens "
+                          f"({source}, {model.origin}), which vLLM refuses; lower --max-prompt-length or "
+                          f"--max-response-length so that they sum to at most {limit}")
 
 
 def _derive_rl_batches(cfg: C.Config, world_size: int) -> None:
@@ -182,3 +235,83 @@ def _check_resume(cfg: C.Config, resume_dir: Path, state: dict) -> list[str]:
     if cfg.model.hf_path or cfg.model.tiny_model:  # the model the flags name must be the checkpoint's
         requested = model_source(cfg, use_load=False).arch
     return checkpointing.check_resume(cfg, resume_dir, state, requested)
+
+
+def check_inputs(job: Job) -> tuple[list[str], list[str]]:
+    """(one line per dataset, problems): what the job reads on its ranks only after building its model and
+    starting vLLM, read now (--dry-run, pre-flight): the --reward function imports; the model's tokenizer loads
+    and fits its vocabulary; every row of --dataset and --eval-dataset parses and tokenizes through the job's
+    own loader (rl_job.build_data), so a bad row fails here as it would there, and prompts longer than
+    --max-prompt-length, which the loader filters out, are counted."""
+    from megatron_a3po.errors import UserError
+    from megatron_a3po.rewards.registry import load_reward_fn
+
+    notes, problems = [], []
+    try:
+        load_reward_fn(job.cfg.rl.reward)
+    except UserError as err:
+        problems.append(str(err))
+    try:
+        notes = _dataset_notes(job.cfg, _job_tokenizer(job))
+    except UserError as err:
+        problems.append(str(err))
+    return notes, problems
+
+
+def _job_tokenizer(job: Job):
+    """The tokenizer rl_job.run loads (vllm_model_dir: the ModelSource's tokenizer files, or the tiny one)."""
+    from megatron_a3po.data import check_tokenizer_fits
+
+    where = job.model.tokenizer_dir
+    if where is None:
+        from megatron_a3po.models.tiny import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        if not any(Path(where, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            # transformers would build an empty tokenizer from config.json alone, and every prompt would be junk
+            raise ConfigError(f"{where} has no tokenizer (tokenizer.json or tokenizer_config.json), and the job "
+                              "tokenizes its prompts with the model's own; copy the model's tokenizer files there")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot load the model's tokenizer from {where} "
+                              f"({' '.join(str(err).split())[:200]}); copy the model's tokenizer files there") from None
+    try:
+        check_tokenizer_fits(tokenizer, job.arch.vocab_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return tokenizer
+
+
+def _dataset_notes(cfg: C.Config, tokenizer) -> list[str]:
+    from megatron_a3po.errors import DatasetError, UserError
+    from megatron_a3po.rewards.synthetic import LEVELS
+    from megatron_a3po.rl_job import build_data
+
+    rl = cfg.rl
+    synthetic = rl.dataset.startswith("synthetic:arithmetic")
+    try:
+        train, evaluation, _ = build_data(cfg, tokenizer)
+    except UserError:
+        raise
+    except ValueError as err:  # synthetic:arithmetic:LEVEL with a LEVEL the generator does not have
+        if not synthetic:
+            raise
+        raise DatasetError(f"--dataset {rl.dataset}: {err}; use synthetic:arithmetic:LEVEL with LEVEL one of "
+                           f"{', '.join(map(str, sorted(LEVELS)))}") from None
+    eval_name = (f"validation ({rl.eval_prompts} held-out prompts of {rl.dataset})" if synthetic
+                 else f"--eval-dataset {rl.eval_dataset or rl.dataset}")
+    return [_dataset_note(f"--dataset {rl.dataset}", train, rl.max_prompt_length),
+            _dataset_note(eval_name, evaluation, rl.max_prompt_length)]
+
+
+def _dataset_note(name: str, data, max_prompt_length: int) -> str:
+    s = data.stats
+    if not s["too_long"]:
+        return (f"{name}: {s['rows']} rows, all used (longest prompt {data.longest} tokens, --max-prompt-length "
+                f"{max_prompt_length})")
+    return (f"{name}: {s['rows']} rows, {s['too_long']} prompts longer than --max-prompt-length {max_prompt_length} "
+            f"(longest {data.longest} tokens) left out as the job's loader does, {s['kept']} used")

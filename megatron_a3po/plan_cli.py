@@ -16,7 +16,7 @@ from megatron_a3po import planner as P
 from megatron_a3po.dtypes import precision_name
 from megatron_a3po.errors import ConfigError, UserError
 from megatron_a3po.errors import report as report_error
-from megatron_a3po.job import model_source
+from megatron_a3po.job import check_context_length, model_source
 
 GiB = P.GiB
 
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             raise C.ConfigError("give --config FILE (a paper setup, e.g. configs/qwen3-8b-base_a3po.yaml)")
         model = model_source(cfg, known_archs=True)  # the table of paper models: plan without the files
         arch, source = model.arch, model.origin
+        check_context_length(cfg, model)  # the same refusal as --dry-run: vLLM would not start
         C.validate_against_arch(cfg, arch)  # TP must divide heads / query groups, PP the layers
         result = P.plan(cfg, arch, layout)
     except UserError as err:

@@ -4,7 +4,9 @@ On a cluster a mistake found inside the ranks costs a queue wait, a rendezvous a
 building on every node; a full /dev/shm or an unwritable --save dir can even surface hours later (NCCL bus error,
 first checkpoint). These checks take seconds and name the problem and the fix:
   - the training flags parse and validate for the whole job's world size (config files, --hf-path, --load,
-    datasets, TP/PP against the model, batch divisibility: the same validation the ranks run);
+    datasets, TP/PP against the model, batch divisibility, the rollout context: the same validation the ranks run);
+  - what the ranks read later (job.check_inputs): the tokenizer, every row of the datasets through the job's
+    loader (the summary counts rows and prompts longer than --max-prompt-length), the reward function imports;
   - the reward function imports and scores one example in its worker pool (math-verify installed, a
     module:function reward found);
   - --save and --output-dir are writable (checked by writing a probe file);
@@ -29,7 +31,8 @@ MIN_SHM_GIB = 1.0  # NCCL's shared-memory transport and vLLM need far more than 
 
 
 def check(argv: list[str], env: dict[str, str] | None = None) -> tuple[list[str], str]:
-    """(problems, summary). `env` defaults to os.environ; it carries the launcher's NNODES etc."""
+    """(problems, summary: the world's size, then one line per dataset read). `env` defaults to os.environ; it
+    carries the launcher's NNODES etc."""
     env = dict(os.environ if env is None else env)
     problems: list[str] = []
     try:
@@ -43,14 +46,17 @@ def check(argv: list[str], env: dict[str, str] | None = None) -> tuple[list[str]
                 "and 0 <= NODE_RANK < NNODES"], ""
     world = nnodes * nproc
     summary = f"world {world} = {nnodes} node(s) x {nproc}"
-    problems += _check_config(argv, world)
+    config_problems, notes = _check_config(argv, world)
+    problems += config_problems
+    summary = "\n".join([summary, *notes])
     problems += _check_shm(float(env.get("A3PO_MIN_SHM_GIB", MIN_SHM_GIB)))
     problems += _check_rendezvous(env.get("MASTER_ADDR", "127.0.0.1"), port, node_rank)
     problems += _check_gpus(nproc)
     return problems, summary
 
 
-def _check_config(argv: list[str], world: int) -> list[str]:
+def _check_config(argv: list[str], world: int) -> tuple[list[str], list[str]]:
+    """(problems, notes: one line per dataset read)."""
     from megatron_a3po import config as C
     from megatron_a3po.errors import RewardError, UserError
     from megatron_a3po.job import resolve_job
@@ -58,18 +64,23 @@ def _check_config(argv: list[str], world: int) -> list[str]:
     try:
         cfg, _ = C.parse_args(argv)
     except UserError as err:
-        return [str(err)]
+        return [str(err)], []
     save, out = cfg.training.save, cfg.rl.output_dir
     problems = []
+    notes: list[str] = []
     try:
-        resolve_job(cfg, world)
+        job = resolve_job(cfg, world)
     except UserError as err:
         problems.append(f"{err} (validated for the job's world size {world})")
     else:
+        from megatron_a3po.job import check_inputs
         from megatron_a3po.rewards import check_reward_fn
 
-        try:  # the reward imports and scores one example in its worker pool (math-verify installed, hook found)
-            check_reward_fn(cfg.rl.reward)
+        notes, input_problems = check_inputs(job)  # tokenizer, every dataset row, the reward imports
+        problems += input_problems
+        try:  # the reward scores one example in its worker pool (math-verify usable, hook runs)
+            if not any(p.startswith("--reward") for p in input_problems):
+                check_reward_fn(cfg.rl.reward)
         except RewardError as err:
             problems.append(f"--reward {cfg.rl.reward}: {err}")
     for flag, path in (("--save", save), ("--output-dir", out)):
@@ -78,7 +89,7 @@ def _check_config(argv: list[str], world: int) -> list[str]:
             if problem:
                 problems.append(f"{flag} {path}: {problem}; point it at a writable directory (for --save on several "
                                 "nodes: a shared filesystem every node mounts at the same path)")
-    return problems
+    return problems, notes
 
 
 def _writable(path: Path) -> str | None:
@@ -159,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preflight error (node {node}): {problem}", file=sys.stderr, flush=True)
     if problems:
         return 2
-    print(f"preflight ok (node {node}): {summary}", flush=True)
+    first, *notes = summary.splitlines()
+    print("\n".join([f"preflight ok (node {node}): {first}", *(f"preflight (node {node}): {n}" for n in notes)]),
+          flush=True)
     return 0
 
 

@@ -132,7 +132,7 @@ def run(job) -> int:
     reference = build_reference(cfg, arch, policy, resuming=job.resuming) if cfg.rl.kl_coef > 0 else None
     rollout_dtype = cfg.rl.rollout_dtype if cfg.rl.rollout_dtype != "auto" else dtype_name(policy.dtype)
     engine = RolloutEngine(str(model_dir), rollout_tp=cfg.rl.rollout_tensor_parallel_size,
-                           max_model_len=cfg.rl.max_prompt_length + cfg.rl.max_response_length + 8,
+                           max_model_len=job.rollout_max_model_len,
                            seed=cfg.training.seed, cpu_kv_cache_gb=cfg.rl.rollout_kv_cache_gb,
                            gpu_memory_utilization=cfg.rl.gpu_memory_utilization, dtype=rollout_dtype)
     logger = MetricsLogger(str(out), cfg.to_dict(), cfg.rl.wandb_project, cfg.rl.wandb_run_name)

@@ -48,7 +48,7 @@ def _batch(examples, pad_id: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = C.FlagParser(description=__doc__)
     parser.add_argument("--sft-output", required=True, help="HF directory to write the warm-started policy to")
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-level", type=int, default=1, help="arithmetic difficulty level")

@@ -25,7 +25,11 @@ def env(**values: str) -> dict:
 
 def test_a_good_launch_passes(tmp_path):
     problems, summary = check([*TINY, "--output-dir", str(tmp_path / "out"), "--save", str(tmp_path / "ckpt")], env())
-    assert problems == [] and summary == "world 2 = 1 node(s) x 2"
+    assert problems == [] and summary.splitlines() == [
+        "world 2 = 1 node(s) x 2",
+        "--dataset synthetic:arithmetic:1: 5000 rows, all used (longest prompt 4 tokens, --max-prompt-length 16)",
+        "validation (128 held-out prompts of synthetic:arithmetic:1): 128 rows, all used (longest prompt 4 tokens, "
+        "--max-prompt-length 16)"]
     assert (tmp_path / "ckpt").is_dir() and not list((tmp_path / "ckpt").iterdir())  # the probe is gone
 
 

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(argv: list[str]) -> int:
     """`a3po eval ARGS...`"""
-    parser = argparse.ArgumentParser(prog="a3po eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="a3po eval", description=__doc__.splitlines()[0], allow_abbrev=False)
     add_arguments(parser)
     return main(parser.parse_args(argv), argv)
 

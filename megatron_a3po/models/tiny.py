@@ -85,7 +85,8 @@ def write_tiny_hf_checkpoint(out_dir: str | Path, family: str = "qwen2", seed: i
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random HF checkpoint (no downloads).")
+    parser = argparse.ArgumentParser(description="Write a tiny random HF checkpoint (no downloads).",
+                                     allow_abbrev=False)
     parser.add_argument("--out", required=True)
     parser.add_argument("--family", default="qwen2", choices=sorted(FAMILY_CLASSES))
     parser.add_argument("--seed", type=int, default=0)

@@ -5,8 +5,9 @@ offers `.batch(solutions, ground_truths)`. A custom "module:function" is importe
 at startup, not at the first rollout) and then runs in a reward worker process under the same hard timeout as
 math verification; a timeout scores `timeout_reward` (default 0.0), an exception inside it is raised loudly.
 
-`check_reward_fn(name)` is the trainer's pre-flight: it builds the reward and scores one example in the real
-worker pool, raising `RewardError` with the cause and the fix if it cannot.
+`load_reward_fn(name)` resolves a job's --reward with a one-line error (--dry-run). `check_reward_fn(name)` is
+the pre-flight: it builds the reward and scores one example in the real worker pool, raising `RewardError` with
+the cause and the fix if it cannot.
 """
 
 from __future__ import annotations
@@ -93,6 +94,27 @@ def get_reward_fn(name_or_path: str, *, timeout: float = DEFAULT_TIMEOUT_S, pool
             return timeout_reward
 
     return RewardFunction(name_or_path, remote, parallel=True)
+
+
+def load_reward_fn(name: str) -> RewardFunction:
+    """get_reward_fn for a job's --reward, before the job starts (--dry-run, pre-flight): an unknown name, a
+    module:function that does not import, or a math reward without math-verify is a RewardError naming --reward
+    and the fix (the job itself would meet it only after building its model and starting vLLM)."""
+    import importlib.util
+
+    try:
+        fn = get_reward_fn(name)
+    except RewardError:
+        raise
+    except ValueError as exc:  # unknown name, or the module / attribute does not import
+        message = str(exc)
+        if "use one of" not in message and "PYTHONPATH" not in message:  # those name their fix already
+            message += f"; pass a built-in name ({', '.join(BUILTIN)}) or an importable package.module:function"
+        raise RewardError(f"--reward {name}: {message}") from None
+    if name in MATH_FORMATS and importlib.util.find_spec("math_verify") is None:
+        raise RewardError(f"--reward {name} needs math-verify, which is not installed; `uv sync` or "
+                          "`pip install 'math-verify[antlr4_13_2]'`")
+    return fn
 
 
 def check_reward_fn(name: str, *, example: tuple[str, str] | None = None, timeout: float = CHECK_TIMEOUT_S,
