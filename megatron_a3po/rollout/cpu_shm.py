@@ -38,6 +38,13 @@ def segments(ident: str, root: Path = SHM_ROOT) -> list[Path]:
     return sorted(p for p in root.glob(f"{ident}-*") if "cpushm" in p.name)
 
 
+def release(ident: str, root: Path = SHM_ROOT) -> None:
+    """Unlink an engine's segments when it closes (vLLM leaves them: seen after normal exits too). Every rank of
+    the group has mapped all of them since the engine started, so the memory stays valid until unmapped."""
+    for path in segments(ident, root):
+        path.unlink(missing_ok=True)
+
+
 def remove_orphans(root: Path = SHM_ROOT) -> list[str]:
     """Unlink our segments whose group leader process no longer exists on this host; returns their names.
     Segments of other programs (no `a3po-<pid>-` prefix) are never touched."""

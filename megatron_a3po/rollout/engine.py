@@ -1,8 +1,8 @@
 """vLLM colocated in every torchrun rank (external_launcher): generation, refit from Megatron, sleep/wake.
 
 Ranks form rollout groups of `rollout_tp` consecutive ranks (vLLM builds its TP groups that way over the
-existing torch.distributed world). Each group generates for its share of the prompts; results are
-all-gathered so every rank holds the whole batch, which is what the (DP-sharded) trainer then splits.
+existing torch.distributed world). Each group generates for its share of the prompts; its first rank sends the
+results to every rank as tensors (gather.py), so every rank holds the whole batch, which the DP-sharded trainer splits.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_a3po import platform
 from megatron_a3po.metrics import progress_enabled
 from megatron_a3po.rewards.timeout import RewardError
-from megatron_a3po.rollout import log_filter
+from megatron_a3po.rollout import cpu_shm, gather, log_filter
 from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
 
 
@@ -53,6 +53,10 @@ class RolloutEngine:
         if not self.on_gpu:
             # vLLM's CPU backend sizes its KV cache from this variable (GiB), not gpu_memory_utilization.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cpu_kv_cache_gb))))  # whole GiB
+            # its all-reduce segments in /dev/shm: a name of this engine's own, a killed job's leftovers removed
+            cpu_shm.remove_orphans()
+            self.shm_ident = _agree_shm_ident(rollout_tp)
+            cpu_shm.use_ident(self.shm_ident)
         threads = torch.get_num_threads()
         self.llm = LLM(**engine_kwargs(hf_path, rollout_tp=rollout_tp, max_model_len=max_model_len,
                                        seed=seed + self.group, dtype=dtype, load_format=load_format,
@@ -73,6 +77,8 @@ class RolloutEngine:
             self.llm.llm_engine.engine_core.shutdown()
             cleanup_dist_env_and_memory()
             self.llm = None
+            if not self.on_gpu:
+                cpu_shm.release(self.shm_ident)
             log_filter.uninstall(self._log_filter)
 
     # ---- generation -------------------------------------------------------------------------------------------
@@ -89,7 +95,8 @@ class RolloutEngine:
         """
         sampling.validate()
         self.wake_up()
-        share = _split(list(range(len(prompts))), self.num_groups)[self.group]
+        shares = _split(list(range(len(prompts))), self.num_groups)
+        share = shares[self.group]
         # One seed per prompt, spaced by n (vLLM gives sample j seed + j): no two prompts, samples or steps share
         # random draws, and rollouts do not depend on how many rollout groups there are.
         params = [sampling.to_vllm(seed_offset=(step * len(prompts) + i) * sampling.n + (round << 40)) for i in share]
@@ -97,8 +104,8 @@ class RolloutEngine:
             outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in share], params,
                                         use_tqdm=progress_enabled()) if share else []
         local = [_unpack(out) for out in outputs]
-        scored: list[tuple[int, int, float]] = []  # (prompt, sample, reward) this rank scored
-        failure = None  # a rank whose scoring fails tells the others through the gather: all stop together
+        scored: list[tuple[int, float]] = []  # (row of the batch, reward) this rank scored
+        failure = None  # a rank whose scoring fails tells the others through the reward gather: all stop together
         if score is not None:
             rows = [(i, k) for i, result in zip(share, local) for k in range(len(result[0]))]
             mine = rows[dist.get_rank() % self.rollout_tp::self.rollout_tp]  # this rank's part of its group's share
@@ -108,26 +115,19 @@ class RolloutEngine:
                 if len(rewards) != len(mine):
                     raise RewardError(f"the reward function returned {len(rewards)} rewards for {len(mine)} "
                                       "responses")
-                scored = [(i, k, float(r)) for (i, k), r in zip(mine, rewards)]
+                scored = [(i * sampling.n + k, float(r)) for (i, k), r in zip(mine, rewards)]
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 failure = f"rank {dist.get_rank()}: {type(err).__name__}: {err}"
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.group, share, local, scored, failure))
-        failures = [entry[4] for entry in gathered if entry[4]]
-        if failures:
-            raise RewardError(f"reward scoring failed, so this step's rewards cannot be trusted: {failures[0]}")
-        per_prompt: dict[int, tuple] = {}
-        rewards_of: dict[tuple[int, int], float] = {}
-        for group, indices, results, group_scores, _ in gathered:
-            for i, res in zip(indices, results):
-                per_prompt[i] = res
-            rewards_of.update({(i, k): r for i, k, r in group_scores})
+            rewards_or_failure = gather.share_rewards(scored, len(prompts) * sampling.n, failure)
+            if isinstance(rewards_or_failure, str):
+                raise RewardError("reward scoring failed, so this step's rewards cannot be trusted: "
+                                  f"{rewards_or_failure}")
+        per_prompt = gather.share_results(shares, local, self.group, self.rollout_tp, sampling.n)
         ordered = [per_prompt[i] for i in range(len(prompts))]
         batch = pack_rollouts(prompts, [o[0] for o in ordered], [o[1] for o in ordered], [o[2] for o in ordered],
                               pad_id)
         if score is not None:
-            batch.rewards = torch.tensor([rewards_of[(i, k)] for i in range(len(prompts))
-                                          for k in range(len(ordered[i][0]))], dtype=torch.float32)
+            batch.rewards = rewards_or_failure
         return batch
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
