@@ -26,6 +26,7 @@ from checkpoints_tools.common import (ConvertError, Launcher, atomic_output_dir,
                                       peak_rss_bytes, progress)
 from megatron_a3po.dtypes import dtype_name
 from megatron_a3po.errors import UserError, report
+from megatron_a3po.flag_parser import FlagParser
 
 
 def _say(launcher: Launcher, message: str) -> None:
@@ -209,7 +210,7 @@ def megatron_to_hf(args) -> int:
 # ---- command line -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="a3po-convert", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = FlagParser(prog="a3po-convert", description=__doc__.split("\n\n")[0])  # its subparsers too
     sub = parser.add_subparsers(dest="command", required=True)
 
     def parallel_flags(p, help_suffix):
@@ -217,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="M", help="PP ranks " + help_suffix)
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron dist checkpoint (+ metadata)",
-                         allow_abbrev=False)  # as Megatron-LM: a new flag must not change what an abbreviation means
+    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron dist checkpoint (+ metadata)")
     h2m.add_argument("--hf-path", required=True, help="HF model dir (config.json, safetensors, tokenizer)")
     h2m.add_argument("--output", required=True, help="new Megatron checkpoint dir")
     h2m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -228,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parallel_flags(h2m, "to convert with (any TP/PP can load the result)")
 
-    m2h = sub.add_parser("megatron-to-hf", help="Megatron dist checkpoint -> HF safetensors + config + tokenizer",
-                         allow_abbrev=False)
+    m2h = sub.add_parser("megatron-to-hf", help="Megatron dist checkpoint -> HF safetensors + config + tokenizer")
     m2h.add_argument("--megatron-path", required=True, help="dir written by hf-to-megatron (or training)")
     m2h.add_argument("--output", required=True, help="new HF model dir")
     m2h.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -238,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parallel_flags(m2h, "to read the checkpoint with (spreads memory over ranks)")
 
-    ver = sub.add_parser("verify", help="same tokens through HF transformers and Megatron; compare logits",
-                         allow_abbrev=False)
+    ver = sub.add_parser("verify", help="same tokens through HF transformers and Megatron; compare logits")
     ver.add_argument("--hf-path", required=True)
     ver.add_argument("--megatron-path", required=True)
     ver.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed (default 1e-4)")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from megatron_a3po.flag_parser import FlagParser
 
 
 def a3po(argv: list[str] | None = None) -> int:
@@ -21,12 +22,12 @@ def a3po(argv: list[str] | None = None) -> int:
         from megatron_a3po.compare import main as compare_main
 
         return compare_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="a3po", description="megatron-a3po utilities", allow_abbrev=False)
+    parser = FlagParser(prog="a3po", description="megatron-a3po utilities")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="per-GPU memory plan of a config on a GPU cluster (a3po plan --help)")
     sub.add_parser("eval", help="evaluate an HF checkpoint on benchmarks (a3po eval --help)")
     sub.add_parser("compare", help="algorithms x seeds from one warm start -> compare.png/md/json (a3po compare --help)")
-    plot = sub.add_parser("plot", help="write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl", allow_abbrev=False)
+    plot = sub.add_parser("plot", help="write RUN_DIR/curves.png from RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir")
     args = parser.parse_args(argv)
     from megatron_a3po.metrics import plot_run
@@ -45,7 +46,7 @@ def a3po(argv: list[str] | None = None) -> int:
 def a3po_train(argv: list[str] | None = None) -> int:
     """`a3po-train [--nproc-per-node N] TRAIN_FLAGS...` = torchrun --standalone on this node."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="a3po-train", add_help=False, allow_abbrev=False)  # the rest: train flags
+    parser = FlagParser(prog="a3po-train", add_help=False)  # an abbreviation goes on to the trainer, which refuses it
     parser.add_argument("--nproc-per-node", type=int, default=None)
     known, rest = parser.parse_known_args(argv)
     nproc = known.nproc_per_node or (_gpu_count() or 2)

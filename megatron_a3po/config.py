@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from megatron_a3po.errors import ConfigError, flag_name  # noqa: F401  (re-exported: C.ConfigError, C.flag_name)
+from megatron_a3po.flag_parser import FlagParser
 from megatron_a3po.rl_config import RLConfig
 
 
@@ -185,28 +186,6 @@ def apply_flags(cfg: Config, args: argparse.Namespace) -> Config:
             if value is not None:
                 setattr(section, name, _coerce(value, tp, flag_name(name)))
     return cfg
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse that refuses abbreviated flags, as Megatron-LM's arguments.py does (allow_abbrev=False): a new
-    flag could otherwise silently change what an abbreviation means. Refusing one names the flag(s) it
-    abbreviates. Every command line of the package uses it (or allow_abbrev=False)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        head, _, unknown = message.partition("unrecognized arguments: ")
-        hints = []
-        for arg in unknown.split() if not head else []:
-            flag = arg.partition("=")[0]
-            full = sorted(o for o in self._option_string_actions if flag.startswith("--") and o.startswith(flag))
-            if full:
-                hints.append(f"{flag} abbreviates {' or '.join(full)}")
-        if hints:
-            message += f" ({'; '.join(hints)}: flags are not abbreviated, spell them in full)"
-        super().error(message)
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> tuple[Config, argparse.Namespace]:

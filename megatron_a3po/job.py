@@ -313,5 +313,6 @@ def _dataset_note(name: str, data, max_prompt_length: int) -> str:
     if not s["too_long"]:
         return (f"{name}: {s['rows']} rows, all used (longest prompt {data.longest} tokens, --max-prompt-length "
                 f"{max_prompt_length})")
-    return (f"{name}: {s['rows']} rows, {s['too_long']} prompts longer than --max-prompt-length {max_prompt_length} "
+    prompts = "1 prompt" if s["too_long"] == 1 else f"{s['too_long']} prompts"
+    return (f"{name}: {s['rows']} rows, {prompts} longer than --max-prompt-length {max_prompt_length} "
             f"(longest {data.longest} tokens) left out as the job's loader does, {s['kept']} used")

@@ -16,6 +16,7 @@ from megatron_a3po import planner as P
 from megatron_a3po.dtypes import precision_name
 from megatron_a3po.errors import ConfigError, UserError
 from megatron_a3po.errors import report as report_error
+from megatron_a3po.flag_parser import FlagParser
 from megatron_a3po.job import check_context_length, model_source
 
 GiB = P.GiB
@@ -115,7 +116,7 @@ MARKDOWN_HEADER = ("| config | params | layout | model state | activations + log
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = C.FlagParser(prog="a3po plan", description=__doc__,
+    parser = FlagParser(prog="a3po plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)

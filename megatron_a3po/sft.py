@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from megatron_a3po import config as C
+from megatron_a3po.flag_parser import FlagParser
 
 
 def _examples(tokenizer, rows, scratchpad_fraction: float | None = None,
@@ -48,7 +49,7 @@ def _batch(examples, pad_id: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = C.FlagParser(description=__doc__)
+    parser = FlagParser(description=__doc__)
     parser.add_argument("--sft-output", required=True, help="HF directory to write the warm-started policy to")
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-level", type=int, default=1, help="arithmetic difficulty level")

@@ -12,6 +12,7 @@ import sys
 import time
 
 from megatron_a3po.errors import ConfigError, UserError, report
+from megatron_a3po.flag_parser import FlagParser
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(argv: list[str]) -> int:
     """`a3po eval ARGS...`"""
-    parser = argparse.ArgumentParser(prog="a3po eval", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = FlagParser(prog="a3po eval", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return main(parser.parse_args(argv), argv)
 

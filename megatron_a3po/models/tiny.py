@@ -83,10 +83,9 @@ def write_tiny_hf_checkpoint(out_dir: str | Path, family: str = "qwen2", seed: i
 
 
 def main(argv=None) -> int:
-    import argparse
+    from megatron_a3po.flag_parser import FlagParser
 
-    parser = argparse.ArgumentParser(description="Write a tiny random HF checkpoint (no downloads).",
-                                     allow_abbrev=False)
+    parser = FlagParser(description="Write a tiny random HF checkpoint (no downloads).")
     parser.add_argument("--out", required=True)
     parser.add_argument("--family", default="qwen2", choices=sorted(FAMILY_CLASSES))
     parser.add_argument("--seed", type=int, default=0)
