@@ -91,6 +91,11 @@ def test_exact_resume_after_sigkill(tmp_path):
     opt_ref = stored_tensors(ref / "ckpt" / "step_000002" / "optimizer", tmp_path)
     opt_resumed = stored_tensors(killed / "ckpt" / "step_000002" / "optimizer", tmp_path)
     assert opt_ref.keys() == opt_resumed.keys() and len(opt_ref) > 0
+    # ... written in the canonical per-parameter format that re-shards to any TP/PP/DP (optimizer_state.py)
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    common = load_common_state_dict(ref / "ckpt" / "step_000002" / "optimizer")
+    assert common["param_state_sharding_type"] == "fully_reshardable", common.keys()
     for key, value in opt_ref.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, opt_resumed[key]), key
