@@ -100,7 +100,9 @@ class RLTrainer:
         # outcome reward; with dynamic sampling, only prompt groups whose rewards vary (more rounds if needed).
         self.to_rollout()  # --offload-train-during-rollout: grads and optimizer state off the device first
         batch, rewards, sampling_metrics = self.collect_rollouts(step, timer)
-        self.to_training()  # vLLM sleeps (level 2: refit rewrites its weights), training memory comes back
+        # vLLM sleeps (level 2: refit rewrites its weights; level 1 when no update, hence no refit, follows) and
+        # the training memory comes back
+        self.to_training(keep_weights=batch is None)
         if batch is None:  # dynamic sampling found no full mini-batch of informative groups: nothing to train on
             return {**sampling_metrics, **timer.as_metrics(), "train/skipped_updates": 0.0}
         # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A).

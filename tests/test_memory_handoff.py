@@ -255,6 +255,54 @@ def test_generating_after_a_level_2_sleep_without_refit_is_refused():
     assert memory.before_generate() == [("wake_up", {"tags": ["kv_cache"]})]
 
 
+class _PlanEngine:
+    """RolloutEngine's memory plan (the real VllmMemory) without vLLM: generate() refuses what the GPU would."""
+
+    def __init__(self):
+        from megatron_a3po.rollout.engine import VllmMemory
+
+        self.memory, self.calls = VllmMemory(), []
+
+    def sleep(self, keep_weights: bool = False):
+        self.calls += self.memory.sleep(keep_weights)
+
+    def generate(self):
+        self.calls += self.memory.before_generate()
+
+
+class _RecordingPolicy:
+    def __init__(self):
+        self.calls = []
+
+    def offload_train_state(self):
+        self.calls.append("offload")
+
+    def restore_train_state(self):
+        self.calls.append("restore")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_step_with_nothing_to_train_keeps_vllm_weights_for_the_next_rollout(offload):
+    """Dynamic sampling can keep no group: RLTrainer.step returns before training, so no refit follows, and the
+    next step generates with the weights vLLM had: its sleep must keep them (level 1), not discard them."""
+    from megatron_a3po.trainer import RLTrainer
+
+    class Trainer:  # RLTrainer's own step and memory methods; the rollout yields nothing to train on
+        step, to_rollout, to_training = RLTrainer.step, RLTrainer.to_rollout, RLTrainer.to_training
+
+        def collect_rollouts(self, step, timer):
+            self.engine.generate()
+            return None, None, {"dynamic/trained_prompts": 0.0}
+
+    trainer = Trainer()
+    trainer.engine, trainer.policy, trainer.offload_train = _PlanEngine(), _RecordingPolicy(), offload
+    metrics = trainer.step(1)
+    assert metrics["train/skipped_updates"] == 0 and metrics["dynamic/trained_prompts"] == 0
+    trainer.step(2)  # generates without a refit in between
+    assert trainer.engine.calls == [("sleep", {"level": 1}), ("wake_up", {"tags": None}), ("sleep", {"level": 1})]
+    assert trainer.policy.calls == (["offload", "restore"] * 2 if offload else [])
+
+
 def test_vllm_refuses_sleep_mode_on_cpu_so_the_engine_enables_it_on_gpu_only():
     """vllm/config/model.py ModelConfig.__post_init__: enable_sleep_mode needs
     current_platform.is_sleep_mode_available() (CUDA, ROCm, XPU), else ValueError. engine_kwargs asks for sleep
