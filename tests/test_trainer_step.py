@@ -220,7 +220,7 @@ def test_checkpoints_are_saved_while_vllm_sleeps(parts, tmp_path):
     from megatron_a3po.trainer import RLTrainer
 
     cfg = copy.deepcopy(parts["cfg"])
-    cfg.training.save, cfg.training.save_interval = str(tmp_path / "ckpt"), 2
+    cfg.training.save, cfg.training.save_interval, cfg.rl.train_steps = str(tmp_path / "ckpt"), 1, 2
     engine = EventEngine(parts["tokenizer"])
     tokenizer_dir = tmp_path / "tokenizer"
     parts["tokenizer"].save_pretrained(tokenizer_dir)
@@ -238,8 +238,8 @@ def test_checkpoints_are_saved_while_vllm_sleeps(parts, tmp_path):
     trainer.fit()
     events = engine.events
     saves = [i for i, e in enumerate(events) if e.startswith("save")]
-    assert [events[i] for i in saves] == ["save 2", "save 3"], events  # --save-interval 2 and the last step
+    assert [events[i] for i in saves] == ["save 1", "save 2"], events  # --save-interval 1
     for i in saves:
         assert events[i - 1] == "sleep", events  # nothing woke vLLM between its sleep and the save
         assert events[i + 1] == "refit", events  # vLLM gets its weights back before the next generate
-    assert (tmp_path / "ckpt" / "step_000003").is_dir()
+    assert (tmp_path / "ckpt" / "step_000002").is_dir()
