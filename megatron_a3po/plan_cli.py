@@ -122,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory", default="141GiB", help="memory of one GPU, e.g. 141GiB (H200), 80GiB")
     parser.add_argument("--reserve", default="6GiB", help="per GPU, for the CUDA context, NCCL and fragmentation")
+    parser.add_argument("--host-memory", default=None,
+                        help="host memory of one node, e.g. 2TiB: each phase's host memory is checked against it")
     parser.add_argument("--markdown", action="store_true", help="print one markdown table row (with header)")
     known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         if known.nodes < 1 or known.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
         layout = P.Layout(known.nodes, known.gpus_per_node, P.parse_memory(known.gpu_memory),
-                          P.parse_memory(known.reserve))
+                          P.parse_memory(known.reserve), P.parse_memory(known.host_memory or "0"))
         cfg, args = C.parse_args(rest)
         if not args.config:
             raise C.ConfigError("give --config FILE (a paper setup, e.g. configs/qwen3-8b-base_a3po.yaml)")

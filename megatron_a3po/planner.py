@@ -70,6 +70,7 @@ class Layout:
     gpus_per_node: int
     gpu_memory: float  # bytes
     reserve: float = 6 * GiB
+    host_memory: float = 0.0  # per node; 0: unknown (host memory is reported, not checked)
 
     @property
     def world(self) -> int:
@@ -250,6 +251,10 @@ def plan(cfg, arch, layout: Layout) -> Plan:
         resident = "the weights (grads + optimizer offloaded)" if "offloaded" in lines else "the model state"
         result.problems.append(f"rollout phase needs {result.rollout_peak / GiB:.1f} GiB > {gib:.0f} GiB "
                                f"(gpu_memory_utilization {rl.gpu_memory_utilization} on top of {resident})")
+    for phase, need in result.host.items():
+        if layout.host_memory and need > layout.host_memory:
+            result.problems.append(f"{'checkpoint save' if phase == 'save' else phase} phase needs {need / GiB:.0f} GiB "
+                                   f"of host memory on one node > {layout.host_memory / GiB:.0f} GiB")
     if result.kv_tokens < result.max_model_len:
         result.problems.append(f"vLLM KV cache holds {result.kv_tokens:.0f} tokens, less than one sequence of "
                                f"{result.max_model_len}: vLLM refuses to start")

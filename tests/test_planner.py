@@ -148,6 +148,10 @@ def test_checkpoint_save_row_by_hand():
     per_gpu = L * ((4 * H * H + 3 * H * FFN) / 8 + 2 * H) + 2 * P.padded_vocab(V, 128, 8) * H / 8 + H
     writer = 12 * per_gpu + 12 * per_gpu + 12 * per_gpu / 2
     assert plan.host["save"] == pytest.approx(8 * writer)
+    small = P.plan(cfg_for("--tensor-model-parallel-size", "8", "--use-distributed-optimizer"), ARCH,
+                   P.Layout(nodes=2, gpus_per_node=8, gpu_memory=141 * GiB, host_memory=8 * writer - GiB))
+    assert small.problems == [f"checkpoint save phase needs {8 * writer / GiB:.0f} GiB of host memory on one node > "
+                              f"{(8 * writer - GiB) / GiB:.0f} GiB"]
     # TP 4 x PP 2: DP 2; writers are ranks 0-3 (stage 0) and 8-11 (stage 1): 4 per node, 4 others
     plan = P.plan(cfg_for("--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "2",
                           "--use-distributed-optimizer"), ARCH, layout)
@@ -193,7 +197,8 @@ PAPER_CONFIGS = sorted(REPO.glob("configs/*_a3po.yaml"))
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
 def test_every_paper_config_fits_16_h200(path, capsys):
-    code = a3po(["plan", "--config", str(path), "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory", "141GiB"])
+    code = a3po(["plan", "--config", str(path), "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory", "141GiB",
+                 "--host-memory", "2TB"])  # a DGX H200 node: 2 TB of host memory
     out = capsys.readouterr().out
     assert code == 0 and "FITS:" in out, out
     assert "known architecture of" in out and "vLLM budget" in out and "KV cache" in out
