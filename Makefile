@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV_STAMP := .venv/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test test-fast demo compare faults setup clean docker-check docker-requirements
+.PHONY: test test-fast demo compare faults setup clean docker-check docker-requirements gpu-wheels
 
 $(VENV_STAMP): pyproject.toml uv.lock launch/setup_env.sh
 	bash launch/setup_env.sh
@@ -44,6 +44,11 @@ docker-check:
 
 docker-requirements:
 	bash launch/docker/deps.sh export
+
+# dist/gpu-wheels/ (<= 64 MiB): this package, megatron-core and the rest of what launch/gpu_train_smoke.py needs on a
+# GPU machine with Python 3.12 + torch only. There: pip install --no-deps dist/gpu-wheels/*.whl, then run the script.
+gpu-wheels: $(VENV_STAMP)
+	bash launch/gpu_wheels.sh
 
 clean:
 	rm -rf .venv .uv-bootstrap .pytest_cache

@@ -29,15 +29,25 @@ class PhaseTimer:
     phase leaves with a note naming the RL step and the innermost phase it failed in; its type, message and
     traceback stay as they were."""
 
-    def __init__(self, step: int | None = None):
+    def __init__(self, step: int | None = None, memory: "CudaPeakMemory | None" = None):
         self.step = step
         self.seconds: dict[str, float] = {}
         self._inner: list[float] = []  # per open phase: seconds spent in phases nested inside it
+        # Peak device memory per phase (CUDA only; inclusive of nested phases): launch/gpu_smoke.sh sets it
+        # next to `a3po plan`'s figures.
+        self.memory = memory if memory is not None else (CudaPeakMemory() if torch.cuda.is_available() else None)
+        self.peaks: dict[str, tuple[int, int]] = {}  # phase -> (allocated, reserved) bytes
+        self._open_peaks: list[tuple[int, int]] = []
 
     @contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
         self._inner.append(0.0)
+        if self.memory is not None:  # the enclosing phase keeps its peak so far; this one counts from here
+            if self._open_peaks:
+                self._open_peaks[-1] = _pairmax(self._open_peaks[-1], self.memory.read())
+            self.memory.reset()
+            self._open_peaks.append((0, 0))
         try:
             yield
         except Exception as err:
@@ -50,13 +60,37 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
             if self._inner:
                 self._inner[-1] += elapsed
+            if self.memory is not None:
+                peak = _pairmax(self._open_peaks.pop(), self.memory.read())
+                self.peaks[name] = _pairmax(self.peaks.get(name, (0, 0)), peak)
+                if self._open_peaks:
+                    self._open_peaks[-1] = _pairmax(self._open_peaks[-1], peak)
 
     def skipped(self, name: str) -> None:
         """A phase this step did not run: logged as 0 s."""
         self.seconds.setdefault(name, 0.0)
 
     def as_metrics(self) -> dict:
-        return {f"time/{k}": v for k, v in self.seconds.items()}
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        for name, (allocated, reserved) in self.peaks.items():
+            out[f"memory/{name}_peak_gib"] = allocated / 2**30  # tensors alive at the phase's peak
+            out[f"memory/{name}_reserved_peak_gib"] = reserved / 2**30  # what torch's allocator held
+        return out
+
+
+class CudaPeakMemory:
+    """Peak device memory of torch's caching allocator since the last reset: host-side counters, no device sync.
+    Memory outside that allocator (CUDA context, NCCL buffers, cuBLAS workspaces) is not in it."""
+
+    def reset(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> tuple[int, int]:
+        return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+
+
+def _pairmax(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return max(a[0], b[0]), max(a[1], b[1])
 
 
 def progress_enabled() -> bool:

@@ -16,5 +16,9 @@ class LocalRMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
         if config.normalization != "RMSNorm":
             raise ValueError(f"LocalRMSNorm builds RMSNorm only, not {config.normalization}")
-        super().__init__(normalized_shape=hidden_size, eps=eps)
+        # The weight in params_dtype, as Transformer Engine's norm keeps it (torch's default would be fp32): under
+        # bf16 a fp32 norm among bf16 params breaks megatron-core's distributed optimizer, whose groups list fp32
+        # params first (_build_model_and_main_param_groups) while model_param_group_index_map keeps buffer order,
+        # so its checkpoint pairs model params with other params' main params (tests/test_gpu_smoke.py).
+        super().__init__(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
