@@ -308,6 +308,7 @@ def resume(ckpt_dir: str | Path, policy, sampler) -> tuple[dict, list[str]]:
     else:
         notes.append(f"--use-distributed-optimizer changed ({saved_dist_opt} -> "
                      f"{policy.cfg.training.use_distributed_optimizer}): the optimizer state starts fresh")
+        policy.weights_loaded()  # a fresh bf16 optimizer's fp32 main params must be the loaded weights
     if state["layout"] != layout():
         notes.append(f"parallel layout changed ({state['layout']} -> {layout()}): the checkpoint was re-sharded; "
                      "per-rank RNG states start fresh")

@@ -127,10 +127,13 @@ def run(job) -> int:
         from megatron_a3po.models.megatron_ckpt import load_model
 
         load_model(policy.chunks, job.start_checkpoint, arch)
+        policy.weights_loaded()  # bf16: the optimizer's fp32 main params were cloned from the random init
     elif cfg.model.hf_path:
         policy.load_hf(cfg.model.hf_path)
     reference = build_reference(cfg, arch, policy, resuming=job.resuming) if cfg.rl.kl_coef > 0 else None
     rollout_dtype = cfg.rl.rollout_dtype if cfg.rl.rollout_dtype != "auto" else dtype_name(policy.dtype)
+    if cfg.training.offload_train_during_rollout:  # vLLM sizes its KV cache at start: let it see the freed memory
+        policy.offload_train_state()
     engine = RolloutEngine(str(model_dir), rollout_tp=cfg.rl.rollout_tensor_parallel_size,
                            max_model_len=job.rollout_max_model_len,
                            seed=cfg.training.seed, cpu_kv_cache_gb=cfg.rl.rollout_kv_cache_gb,
