@@ -68,7 +68,7 @@ def main() -> None:
           f"prompt {args.prompt_len} + {args.max_new_tokens} new tokens; torch threads {torch.get_num_threads()}")
 
     parallel.init_distributed()
-    engine = RolloutEngine(hf_dir, rollout_tp=1, max_model_len=args.prompt_len + args.max_new_tokens + 8,
+    engine = RolloutEngine(hf_dir, rollout_tp=1, max_model_len=args.prompt_len + args.max_new_tokens,
                            load_format="auto")
 
     # ---- (a) generation ----------------------------------------------------------------------------------------

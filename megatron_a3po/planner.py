@@ -228,7 +228,9 @@ def plan(cfg, arch, layout: Layout) -> Plan:
     writer, other = save_host_bytes(per_gpu, half, t.use_distributed_optimizer, dp * cp)
     lines["save_host_writer"], lines["save_host_other"] = writer, other
 
-    result = Plan(lines=lines, limit=layout.gpu_memory, max_model_len=seq + 8)  # train.py's max_model_len
+    from megatron_a3po.job import rollout_max_model_len
+
+    result = Plan(lines=lines, limit=layout.gpu_memory, max_model_len=rollout_max_model_len(cfg))  # as rl_job asks
     state = result.model_state
     writers = writer_ranks_per_node(tp, cp, dp, layout.nodes, layout.gpus_per_node)
     result.host = {"rollout": layout.gpus_per_node * lines.get("offloaded", 0.0),
