@@ -222,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         ("finite loss and grad norm after it", bool(good) and all(
             math.isfinite(r.get("train/grad_norm", math.nan)) and math.isfinite(r.get("loss/pg_loss", math.nan))
             for r in good), str([round(r.get("train/grad_norm", math.nan), 4) for r in good])),
+        # Packs: within the 64-token budget each, and no row padding (padded rows would compute ~4x the tokens).
         ("packed THD micro-batches (--max-tokens-per-gpu 64)", bool(packed) and all(
-            r.get("train/real_tokens", 0) <= r.get("train/computed_tokens", 0) for r in a) and all(n >= 1 for n in packed),
-         f"micro-batches per step {packed}"),
+            0 < r["train/real_tokens"] <= r["train/computed_tokens"] <= min(64 * r["train/micro_batches"],
+                                                                             1.25 * r["train/real_tokens"])
+            for r in a), f"micro-batches per step {packed}, computed/real tokens "
+                         f"{[(int(r['train/computed_tokens']), int(r['train/real_tokens'])) for r in a]}"),
         (f"checkpoints at steps {SAVE_AT} and {STEPS}", resume_dir.is_dir() and (out / "ckpt_a" / "latest").is_file()
          and (out / "ckpt_a" / "latest").read_text().strip() == f"step_{STEPS:06d}", ""),
         (f"resume: B's steps {SAVE_AT + 1}-{STEPS} equal A's", bool(by_b) and not diffs,
