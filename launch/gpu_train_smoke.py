@@ -44,34 +44,16 @@ class ScriptedEngine:
         from transformers import AutoTokenizer
 
         self.tokenizer, self.seed = AutoTokenizer.from_pretrained(hf_path), seed
-        self.digits = [self.tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
         self.refitted_tensors = 0
 
     def generate(self, prompts, sampling, pad_id: int, step: int = 0, round: int = 0, score=None):
         import torch
 
-        from megatron_a3po.rollout.sampling import pack_rollouts
+        from megatron_a3po.rollout.scripted import arithmetic_batch
 
-        eos = self.tokenizer.eos_token_id
         # Draws fixed by (seed, step, round), as vLLM's per-request seeds are: a resumed run sees the same rollouts.
-        self.generator = torch.Generator().manual_seed(self.seed + 1_000_003 * step + 7919 * round)
-        responses, logprobs = [], []
-        for prompt in prompts:
-            a, b = self.tokenizer.decode(prompt).rstrip("=").split("+")[-2:]
-            answer = str(int(a.strip()) + int(b.strip()))
-            group = [self.tokenizer.encode(answer, add_special_tokens=False) + [eos]]
-            while len(group) < sampling.n:
-                ids = [self.digits[i] for i in torch.randint(10, (2,), generator=self.generator).tolist()]
-                if self.tokenizer.decode(ids).lstrip("0") != answer:
-                    group.append(ids + [eos])
-            responses.append(group)
-            logprobs.append([(-3 * torch.rand(len(r), generator=self.generator)).tolist() for r in group])
-        batch = pack_rollouts(prompts, responses, logprobs, [[False] * len(g) for g in responses], pad_id)
-        if score is not None:
-            rows = [(i, k) for i, group in enumerate(responses) for k in range(len(group))]
-            batch.rewards = torch.tensor(score([i for i, _ in rows], [responses[i][k] for i, k in rows]),
-                                         dtype=torch.float32)
-        return batch
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * step + 7919 * round)
+        return arithmetic_batch(self.tokenizer, prompts, sampling.n, generator, pad_id, score)
 
     def refit(self, weights) -> None:
         self.refitted_tensors = sum(1 for _ in weights)

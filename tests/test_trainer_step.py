@@ -15,7 +15,8 @@ import traceback
 import pytest
 import torch
 
-from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig, pack_rollouts
+from megatron_a3po.rollout.sampling import RolloutBatch, SamplingConfig
+from megatron_a3po.rollout.scripted import arithmetic_batch
 from helpers import REPO
 
 PROMPTS, N = 2, 2  # rollout batch: 2 prompts x 2 responses
@@ -30,7 +31,6 @@ class FakeEngine:
 
     def __init__(self, tokenizer, seed: int = 0):
         self.tokenizer, self.generator = tokenizer, torch.Generator().manual_seed(seed)
-        self.digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
         self.refits: list[dict[str, torch.Tensor]] = []  # the weights of every refit, by HF name
         self.sleeps = 0
 
@@ -38,24 +38,7 @@ class FakeEngine:
                  round: int = 0, score=None) -> RolloutBatch:
         """Per prompt: the correct answer, then wrong ones (random digits) up to `sampling.n`, each ended by EOS.
         Scored through `score` as the real engine does: the rewards travel with the batch."""
-        eos = self.tokenizer.eos_token_id
-        responses, logprobs = [], []
-        for prompt in prompts:
-            a, b = self.tokenizer.decode(prompt).rstrip("=").split("+")
-            answer = str(int(a) + int(b))
-            group = [self.tokenizer.encode(answer, add_special_tokens=False) + [eos]]
-            while len(group) < sampling.n:
-                ids = [self.digits[i] for i in torch.randint(10, (2,), generator=self.generator).tolist()]
-                if self.tokenizer.decode(ids).lstrip("0") != answer:
-                    group.append(ids + [eos])
-            responses.append(group)
-            logprobs.append([(-3 * torch.rand(len(r), generator=self.generator)).tolist() for r in group])
-        batch = pack_rollouts(prompts, responses, logprobs, [[False] * len(g) for g in responses], pad_id)
-        if score is not None:
-            rows = [(i, k) for i, group in enumerate(responses) for k in range(len(group))]
-            batch.rewards = torch.tensor(score([i for i, _ in rows], [responses[i][k] for i, k in rows]),
-                                         dtype=torch.float32)
-        return batch
+        return arithmetic_batch(self.tokenizer, prompts, sampling.n, self.generator, pad_id, score)
 
     def sleep(self) -> None:
         self.sleeps += 1
