@@ -82,12 +82,12 @@ def token_budget_bins(lengths: list[int], max_tokens: int, multiple: int = 1) ->
     bins: list[list[int]] = []
     used: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
-        if _round_up(lengths[i], multiple) > max_tokens:
+        if round_up(lengths[i], multiple) > max_tokens:
             raise ValueError(f"a sequence of {lengths[i]} tokens does not fit a budget of {max_tokens} tokens per "
                              "micro-batch; raise --max-tokens-per-gpu to at least --max-prompt-length + "
                              "--max-response-length")
         for b, total in enumerate(used):
-            if _round_up(total + lengths[i], multiple) <= max_tokens:
+            if round_up(total + lengths[i], multiple) <= max_tokens:
                 bins[b].append(i)
                 used[b] += lengths[i]
                 break
@@ -97,13 +97,9 @@ def token_budget_bins(lengths: list[int], max_tokens: int, multiple: int = 1) ->
     return [sorted(b) for b in bins]
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def round_up(n: int, multiple: int) -> int:
     """`n` rounded up to a multiple of `multiple` (a micro-batch's token dimension: see token_multiple)."""
-    return _round_up(n, multiple)
+    return -(-n // multiple) * multiple
 
 
 def token_multiple(tp: int, sequence_parallel: bool, fp8_recipe: str | None = None) -> int:
@@ -189,7 +185,7 @@ def plan_metrics(plans: list[RankPlan], lengths: list[int], width: int, batching
     most micro-batches a DP rank runs, and DP imbalance: ranks meet at every optimizer step, so it is
     Σ_mini-batches max_rank(estimated compute) / Σ_mini-batches mean_rank(estimated compute) (1.0: no waiting)."""
     real = computed = 0
-    padded_width = _round_up(width, batching.multiple)
+    padded_width = round_up(width, batching.multiple)
     slowest = average = 0.0
     for m in range(len(plans[0].mini_batches)):
         costs = []
@@ -199,7 +195,7 @@ def plan_metrics(plans: list[RankPlan], lengths: list[int], width: int, batching
                 row_lengths = [lengths[plan.rows[p]] for p in micro]
                 real += sum(row_lengths)
                 if mini.packed:
-                    computed += _round_up(sum(row_lengths), mini.multiple)
+                    computed += round_up(sum(row_lengths), mini.multiple)
                     cost += sum(batching.cost(n) for n in row_lengths)
                 else:
                     computed += len(micro) * padded_width

@@ -233,10 +233,7 @@ class RLTrainer:
 
     def to_training(self, keep_weights: bool = False) -> None:
         """After generation: vLLM releases its memory (see RolloutEngine.sleep), then the training state returns."""
-        if keep_weights:
-            self.engine.sleep(keep_weights=True)
-        else:
-            self.engine.sleep()
+        self.engine.sleep(keep_weights=keep_weights)
         if self.offload_train:
             self.policy.restore_train_state()
 

@@ -40,7 +40,7 @@ class FakeEngine:
         Scored through `score` as the real engine does: the rewards travel with the batch."""
         return arithmetic_batch(self.tokenizer, prompts, sampling.n, self.generator, pad_id, score)
 
-    def sleep(self) -> None:
+    def sleep(self, keep_weights: bool = False) -> None:
         self.sleeps += 1
 
     def refit(self, weights) -> None:
@@ -183,9 +183,9 @@ class EventEngine(FakeEngine):
         self.events.append("generate")
         return super().generate(*args, **kwargs)
 
-    def sleep(self) -> None:
+    def sleep(self, keep_weights: bool = False) -> None:
         self.events.append("sleep")
-        super().sleep()
+        super().sleep(keep_weights)
 
     def refit(self, weights) -> None:
         self.events.append("refit")  # the real engine's refit wakes vLLM first
