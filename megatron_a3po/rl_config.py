@@ -13,6 +13,7 @@ per PPO epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -32,17 +33,18 @@ PRESETS = {
     "clip_cov": ("grpo", None, "clip_cov", 0.2, 0.28, "token-mean"),
     "kl_cov": ("grpo", None, "kl_cov", 0.2, 0.28, "token-mean"),
     "lp_reg": ("grpo", None, "lp_reg", 0.2, 0.28, "token-mean"),
+    "rloo": ("rloo", None, "ppo_clip", 0.2, 0.28, "token-mean"),
+    "reinforce_plus_plus_baseline": ("reinforce_plus_plus_baseline", None, "ppo_clip", 0.2, 0.28, "token-mean"),
+    "gspo": ("grpo", None, "gspo", 3e-4, 4e-4, "seq-mean-token-mean"),
 }
 
 
 class AlgorithmChoice(NamedTuple):
-    """The preset after overrides; advantage / shaper / loss are a name or {name: ..., setting: value, ...}."""
+    """The preset's parts after overrides; advantage / shaper / loss are a name or {name: ..., setting: value}."""
 
     advantage: str | dict
     shaper: str | dict | None
     loss: str | dict
-    clip_low: float
-    clip_high: float
     aggregation: str
 
 
@@ -117,30 +119,29 @@ class RLConfig:
     max_consecutive_nan_steps: int = 3  # stop after this many steps in a row with skipped NaN/Inf updates; 0: never
 
     def resolved(self) -> AlgorithmChoice:
-        """The preset with the overrides applied (names; settings are resolved by `resolve_algorithm`)."""
-        adv, shaper, loss, low, high, agg = PRESETS[self.algorithm]
+        """The preset with the overrides applied (names; settings, clip ratios included, are resolved by
+        `resolve_algorithm`)."""
+        adv, shaper, loss, _, _, agg = PRESETS[self.algorithm]
         shaper = self.token_shaper if self.token_shaper is not None else shaper
         return AlgorithmChoice(self.advantage_estimator or adv, None if shaper in (None, "none") else shaper,
-                               self.policy_loss or loss, self.clip_ratio_low if self.clip_ratio_low is not None else low,
-                               self.clip_ratio_high if self.clip_ratio_high is not None else high,
-                               self.loss_agg_mode or agg)
+                               self.policy_loss or loss, self.loss_agg_mode or agg)
 
 
 _DEFAULTS = RLConfig()
 # RL fields that feed a component setting of the same name (whichever component declares it)
 _FIELDS = {"advantage": "advantage_estimator", "shaper": "token_shaper", "policy_loss": "policy_loss"}
-_REGULARISERS = ("entropy_coef", "kl_coef", "kl_type")  # the Algorithm's, for every loss
-_SHARED_SETTINGS = ("clip_ratio_low", "clip_ratio_high", "dual_clip_c", *_REGULARISERS)
+_REGULARISERS = ("entropy_coef", "kl_coef", "kl_type")  # the Algorithm's, for every loss; no component's setting
+_SHARED_SETTINGS = ("clip_ratio_low", "clip_ratio_high", "dual_clip_c")
 
 
 def resolve_algorithm(rl: RLConfig):
-    """The run's `algorithms.Algorithm`, resolved once. Raises ConfigError naming the setting and the fix."""
+    """The run's `algorithms.Algorithm`, resolved once. Raises ConfigError naming the setting and the fix, also for
+    a setting the resolved algorithm would not read (a no-op the user believes in)."""
     from megatron_a3po import algorithms as A
 
     choice = rl.resolved()
-    preset = {"clip_ratio_low": choice.clip_low, "clip_ratio_high": choice.clip_high}
     try:
-        parts = {kind: _bind(kind, spec, rl, preset) if spec is not None else None
+        parts = {kind: _bind(kind, spec, rl, _preset_settings(rl, kind, spec)) if spec is not None else None
                  for kind, spec in (("advantage", choice.advantage), ("shaper", choice.shaper),
                                     ("policy_loss", choice.loss))}
         regularisers = A.RegulariserConfig(entropy_coef=rl.entropy_coef, kl_coef=rl.kl_coef, kl_type=rl.kl_type)
@@ -150,8 +151,62 @@ def resolve_algorithm(rl: RLConfig):
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
-    return A.Algorithm(parts["advantage"], parts["shaper"], parts["policy_loss"], choice.aggregation, regularisers,
-                       correction)
+    algorithm = A.Algorithm(parts["advantage"], parts["shaper"], parts["policy_loss"], choice.aggregation,
+                            regularisers, correction)
+    required = algorithm.loss.declared.aggregation
+    if required is not None and algorithm.aggregation != required:
+        raise ConfigError(f"the policy loss {algorithm.loss.name!r} is defined with --loss-agg-mode {required}, "
+                          f"got {algorithm.aggregation}; drop --loss-agg-mode (its preset sets it) or set {required}")
+    _refuse_unread_fields(rl, algorithm)
+    return algorithm
+
+
+def _preset_settings(rl: RLConfig, kind: str, spec: str | dict) -> dict[str, Any]:
+    """The preset's clip ratios, for a loss that reads the preset loss's settings class (a loss with settings of
+    its own, e.g. gspo under --algorithm dapo, keeps its own defaults: 0.2 would be no clip range for it)."""
+    from megatron_a3po import algorithms as A
+
+    _, _, preset_loss, low, high, _ = PRESETS[rl.algorithm]
+    if kind != "policy_loss":
+        return {}
+    chosen = A.declaration(A.get_component(kind, component_name(spec))).settings
+    return {"clip_ratio_low": low, "clip_ratio_high": high} \
+        if chosen is not None and chosen is A.declaration(A.get_policy_loss(preset_loss)).settings else {}
+
+
+def _refuse_unread_fields(rl: RLConfig, algorithm) -> None:
+    """Flat RL fields changed from their defaults that nothing in the resolved algorithm reads: a component's
+    `<name>_<setting>` alias while that component is not used, the correction's thresholds with the correction
+    off, the KL estimator without a KL term."""
+    from megatron_a3po import algorithms as A
+
+    loss_reads = set(A.settings_read(algorithm.loss.fn)) if algorithm.loss.declared.settings is not None else None
+    for name in _SHARED_SETTINGS:  # flat clip flags for a loss whose settings lack the field (gspo: dual clip)
+        if loss_reads is not None and name not in loss_reads and getattr(rl, name) not in (None,
+                                                                                           getattr(_DEFAULTS, name)):
+            raise ConfigError(f"{flag_name(name)} {getattr(rl, name)}: the policy loss {algorithm.loss.name!r} does "
+                              f"not read {name} (it reads {', '.join(sorted(loss_reads)) or 'no settings'}); drop it, "
+                              "or choose a policy loss that uses it")
+    used = {part.name for part in algorithm.components}
+    for field in dataclasses.fields(RLConfig):
+        value = getattr(rl, field.name)
+        if value == getattr(_DEFAULTS, field.name):
+            continue
+        for kind in _FIELDS:
+            for name in A.names(kind):
+                if field.name.startswith(f"{name}_") and field.name[len(name) + 1:] in \
+                        A.settings_fields(A.get_component(kind, name)) and name not in used:
+                    raise ConfigError(f"{flag_name(field.name)} {value} sets the {kind} {name!r}, which "
+                                      f"--algorithm {rl.algorithm} does not use ({algorithm.describe()}); drop "
+                                      f"it, or use {flag_name(_FIELDS[kind])} {name}")
+    if not algorithm.correction.enabled:
+        for name in ("rollout_correction_threshold", "rollout_correction_threshold_low"):
+            if getattr(rl, name) != getattr(_DEFAULTS, name):
+                raise ConfigError(f"{flag_name(name)} {getattr(rl, name)} is read only by a rollout correction, "
+                                  "which is off; drop it, or set --rollout-correction tis|mis|icepop|seq-tis|seq-mis")
+    if rl.kl_type != _DEFAULTS.kl_type and rl.kl_coef == 0:
+        raise ConfigError(f"--kl-type {rl.kl_type} is read only by the KL-to-reference term, which is off "
+                          "(--kl-coef 0); drop it, or set --kl-coef > 0")
 
 
 def component_name(spec: str | dict) -> str:
@@ -166,7 +221,8 @@ def component_name(spec: str | dict) -> str:
 
 def _bind(kind: str, spec: str | dict, rl: RLConfig, preset: dict[str, Any]):
     """Settings precedence: the component's defaults < preset values < flat RL fields (aliases) < nested YAML;
-    a flat field the user changed that disagrees with the nested value is an error (set it in one place)."""
+    a flat field the user changed that disagrees with the nested value is an error (set it in one place), and
+    so is a changed flat field, or a nested key, that the component does not read."""
     from megatron_a3po import algorithms as A
 
     name = component_name(spec)
@@ -176,12 +232,19 @@ def _bind(kind: str, spec: str | dict, rl: RLConfig, preset: dict[str, Any]):
         raise ConfigError(f"rl.{_yaml_key(kind)}.{regulariser[0]}: set it as rl.{regulariser[0]} "
                           f"({flag_name(regulariser[0])}), not inside a component")
     fn = A.get_component(kind, name)
+    reads = set(A.settings_read(fn))
     settings: dict[str, Any] = {}
     for key in A.settings_fields(fn):
         alias = f"{name}_{key}" if hasattr(_DEFAULTS, f"{name}_{key}") else key if key in _SHARED_SETTINGS else None
         if alias is None:
             continue
         value, changed = getattr(rl, alias), getattr(rl, alias) != getattr(_DEFAULTS, alias)
+        if key not in reads:
+            if changed and value is not None:
+                raise ConfigError(f"{flag_name(alias)} {value}: the {kind} {name!r} does not read {key} (it reads "
+                                  f"{', '.join(sorted(reads)) or 'no settings'}); drop it, or choose a {kind} "
+                                  "that uses it")
+            continue
         if value is None:
             if key not in preset:
                 continue
@@ -264,6 +327,11 @@ def _validate_algorithm(rl: RLConfig) -> None:
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
     algorithm = resolve_algorithm(rl)
+    if algorithm.advantage.declared.group_baseline and rl.rollout_n < 2:
+        raise ConfigError(f"--rollout-n {rl.rollout_n} with the advantage estimator {algorithm.advantage.name!r}: "
+                          "it compares each response with the other responses to its prompt, and one response "
+                          "has none (no baseline to compare with: GRPO's A would be 0 for every response); use "
+                          "--rollout-n >= 2, or an estimator without a group baseline (w_reinforce)")
     if rl.rollout_dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(f"--rollout-dtype must be auto, bfloat16, float16 or float32, got {rl.rollout_dtype!r}")
     if not 0 <= rl.overlong_buffer_len <= rl.max_response_length:

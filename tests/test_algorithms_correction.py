@@ -149,18 +149,18 @@ def test_config_validation(kwargs, match):
 
 
 def kl_reference(x, kl_type):
-    """(value, d value / d logprobs) for log r = x."""
+    """(value, d value / d logprobs) for log r = x; verl's names: k3 is low_var_kl, clamped to [-10, 10]."""
     if kl_type == "k1":
         return x, 1.0
     if kl_type == "k2":
         return x * x / 2, x
     k3, grad = math.exp(-x) + x - 1, 1 - math.exp(-x)
-    if kl_type == "low_var_kl" and abs(k3) > 10:
+    if kl_type in ("k3", "low_var_kl") and abs(k3) > 10:
         return max(min(k3, 10.0), -10.0), 0.0
     return k3, grad
 
 
-@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3", "low_var_kl"])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3", "low_var_kl", "k3_unclamped"])
 def test_kl_penalty_values_and_gradients(kl_type):
     gen = torch.Generator().manual_seed(3)
     ref = -4.0 * torch.rand(64, dtype=torch.float64, generator=gen)
@@ -175,8 +175,10 @@ def test_kl_penalty_values_and_gradients(kl_type):
                                rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(logprobs.grad, torch.tensor([e[1] for e in expected], dtype=torch.float64),
                                rtol=1e-9, atol=1e-12)
-    if kl_type == "low_var_kl":
+    if kl_type in ("k3", "low_var_kl"):
         assert sum(e[0] == 10.0 for e in expected) > 1  # the clamp is exercised
+    if kl_type == "k3_unclamped":
+        assert max(e[0] for e in expected) > 10.0  # and absent here
 
 
 def test_low_var_kl_gradient_zero_when_clamped():

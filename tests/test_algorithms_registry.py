@@ -10,9 +10,10 @@ from megatron_a3po.algorithms import registry, shaping
 
 
 def test_registered_names():
-    assert names("advantage") == ["dr_grpo", "grpo", "nsr", "polarity_weighted", "psr", "w_reinforce"]
+    assert names("advantage") == ["dr_grpo", "grpo", "nsr", "polarity_weighted", "psr",
+                                  "reinforce_plus_plus_baseline", "rloo", "w_reinforce"]
     assert names("shaper") == ["a3po", "fork_tokens", "token_weighted"]
-    assert names("policy_loss") == ["clip_cov", "kl_cov", "lp_reg", "ppo_clip"]
+    assert names("policy_loss") == ["clip_cov", "gspo", "kl_cov", "lp_reg", "ppo_clip"]
 
 
 @pytest.mark.parametrize("getter, kind", [(get_advantage_fn, "advantage"), (get_shaper, "shaper"), (get_policy_loss, "policy_loss")])

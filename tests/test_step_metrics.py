@@ -54,7 +54,10 @@ def test_select_groups_repacks_whole_groups_across_batches():
     a = pack_rollouts([[1, 2], [3]], [[[5], [6, 7]], [[8, 9, 9], [4]]], [[[-.1], [-.2, -.3]], [[-.4, -.5, -.6], [-.7]]],
                       [[False, False], [True, False]], pad_id=0)
     b = pack_rollouts([[7, 7, 7, 7]], [[[2], []]], [[[-.9], []]], [[False, True]], pad_id=0)
+    a.rewards, b.rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0.0, 1.0])
     out = select_groups([(b, 0), (a, 1)], pad_id=0)
+    # the verifier's rewards travel with their rows (PSR / NSR read them as the correctness verdict)
+    assert out.rewards.tolist() == [0.0, 1.0, 0.0, 1.0]
     expected = pack_rollouts([[7, 7, 7, 7], [3]], [[[2], []], [[8, 9, 9], [4]]],
                              [[[-.9], []], [[-.4, -.5, -.6], [-.7]]], [[False, True], [True, False]], pad_id=0)
     for field in ("tokens", "response_mask", "rollout_logprobs", "truncated", "prompt_lengths", "response_lengths"):

@@ -14,7 +14,7 @@ import torch
 
 from .aggregation import LossNormaliser, aggregate
 from .common import coerce_config
-from .components import Bound
+from .components import Bound, declaration
 from .context import AlgoContext
 from .correction import CorrectionOutput, RolloutCorrectionConfig, rollout_correction
 from .losses import POLICY_LOSSES, PolicyLossConfig, RegulariserConfig, add_regularisers
@@ -67,8 +67,12 @@ class Algorithm:
     def microbatch_shaper(self) -> Bound | None:
         return self.shaper if self.shaper is not None and self.shaper.phase == "microbatch" else None
 
-    def advantages(self, rewards: torch.Tensor, response_mask: torch.Tensor, groups: Any):
-        return self.advantage.fn(rewards, response_mask, groups, self.advantage.settings)
+    def advantages(self, rewards: torch.Tensor, response_mask: torch.Tensor, groups: Any,
+                   correct: torch.Tensor | None = None):
+        """`correct`: the verifier's verdict per response (advantages.is_correct of the reward before the overlong
+        penalty), passed on to an estimator that declares it needs it (psr, nsr, w_reinforce)."""
+        extra = {"correct": correct} if "correct" in self.advantage.needs else {}
+        return self.advantage.fn(rewards, response_mask, groups, self.advantage.settings, **extra)
 
     def shape(self, ctx: AlgoContext) -> torch.Tensor | None:
         """Step-level token weights (None without a step-phase shaper): Â = A · w, once per RL step."""
@@ -128,8 +132,10 @@ def compute_policy_loss(
     """
     fn = get_policy_loss(loss_fn) if isinstance(loss_fn, str) else loss_fn
     if fn in POLICY_LOSSES.values() or loss_config is None or isinstance(loss_config, PolicyLossConfig):
-        cfg = coerce_config(loss_config, PolicyLossConfig, "loss_config")
-        hook_config: Any = cfg
+        # a registered loss gets its own settings class (gspo's is not PolicyLossConfig)
+        cls = declaration(fn).settings if fn in POLICY_LOSSES.values() else PolicyLossConfig
+        hook_config: Any = coerce_config(loss_config, cls, "loss_config")
+        cfg = hook_config if isinstance(hook_config, PolicyLossConfig) else RegulariserConfig()
     else:  # a user hook with its own config: pass it through; regularisers read the fields they know
         hook_config = loss_config
         known = {k: getattr(loss_config, k, None) if not isinstance(loss_config, dict) else loss_config.get(k)

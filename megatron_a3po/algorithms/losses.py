@@ -1,4 +1,5 @@
-"""Policy losses: ppo_clip (DAPO clip-higher + dual clip), clip_cov, kl_cov, lp_reg; entropy bonus and KL-to-ref.
+"""Policy losses: ppo_clip (DAPO clip-higher + dual clip), clip_cov, kl_cov, lp_reg, gspo; entropy bonus and
+KL-to-ref.
 
 A policy loss has the signature (a `module:function` user hook must match it):
 
@@ -23,7 +24,9 @@ from .components import component
 from .context import AlgoContext
 from .selection import k_from_ratio, select_k_smallest
 
-KL_TYPES = ("k1", "k2", "k3", "low_var_kl", "abs")
+# verl's names (core_algos.kl_penalty_forward): "k3" is another name for "low_var_kl", both clamped to [-10, 10];
+# the unclamped estimator has a name of its own.
+KL_TYPES = ("k1", "k2", "k3", "low_var_kl", "k3_unclamped", "abs")
 
 
 @dataclass
@@ -43,7 +46,7 @@ class PolicyLossConfig:
     lp_reg_kappa: float = 0.02  # min-p of the proxy; the trainer passes it to logprobs(minp_kappa=...)
     entropy_coef: float = 0.0  # entropy bonus: loss -= coef * entropy (off by default)
     kl_coef: float = 0.0  # KL to the reference policy: loss += coef * KL (off by default)
-    kl_type: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl (k3 clamped to [-10, 10]) | abs
+    kl_type: str = "low_var_kl"  # k1 | k2 | k3 = low_var_kl (clamped to [-10, 10]) | k3_unclamped | abs
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.clip_ratio_low < 1.0:
@@ -87,8 +90,8 @@ class RegulariserConfig:
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str = "low_var_kl") -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from samples of pi: k1 = log r, k2 = (log r)^2 / 2,
-    k3 = exp(-log r) + log r - 1 with log r = logprobs - ref_logprobs (-log r limited to ±20 inside k3, for
-    numerical safety); low_var_kl = k3 clamped to [-10, 10]."""
+    k3_unclamped = exp(-log r) + log r - 1 with log r = logprobs - ref_logprobs (-log r limited to ±20 inside,
+    for numerical safety); k3 = low_var_kl = k3_unclamped clamped to [-10, 10] (verl's definition)."""
     check_choice("kl_type", kl_type, KL_TYPES)
     log_r = logprobs - ref_logprobs
     if kl_type == "k1":
@@ -99,7 +102,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str 
         return 0.5 * log_r.square()
     neg = (-log_r).clamp(-20.0, 20.0)
     k3 = torch.exp(neg) - neg - 1.0
-    return k3.clamp(-10.0, 10.0) if kl_type == "low_var_kl" else k3
+    return k3 if kl_type == "k3_unclamped" else k3.clamp(-10.0, 10.0)
 
 
 def _inputs(ctx: AlgoContext, by: str):
@@ -142,7 +145,12 @@ def _common_metrics(log_ratio, mask, metrics):
         metrics["ratio_mean"] = masked_mean(torch.exp(log_ratio), mask)
 
 
-@component(settings=PolicyLossConfig, needs=("old_logprobs",))
+# What each loss reads of PolicyLossConfig (bind refuses the rest). The regularisers (entropy_coef, kl_coef,
+# kl_type) are the Algorithm's, set as rl.* fields, and reach no loss's settings.
+_CLIP = ("clip_ratio_low", "clip_ratio_high", "dual_clip_c", "log_ratio_clamp")
+
+
+@component(settings=PolicyLossConfig, needs=("old_logprobs",), reads=_CLIP)
 def ppo_clip(ctx: AlgoContext):
     """PPO clipped surrogate with asymmetric clip (clip-higher) and dual clip."""
     cfg = coerce_config(ctx.config, PolicyLossConfig, "policy loss config")
@@ -161,7 +169,8 @@ def _centered_cov(adv, logp, mask):
         return (adv - masked_mean(adv, mask)) * (lp - masked_mean(lp, mask))
 
 
-@component(settings=PolicyLossConfig, needs=("old_logprobs",))
+@component(settings=PolicyLossConfig, needs=("old_logprobs",),
+           reads=_CLIP + ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"))
 def clip_cov(ctx: AlgoContext):
     """Clip-Cov (Cui et al. 2505.22617): PPO-clip loss, with the gradient of a random r-fraction of the tokens
     (chosen among unclipped tokens with lb < Cov < ub) set to zero. Randomness: ctx.generator."""
@@ -188,7 +197,7 @@ def clip_cov(ctx: AlgoContext):
     return torch.where(corr, loss, torch.zeros_like(loss)), metrics
 
 
-@component(settings=PolicyLossConfig, needs=("old_logprobs",))
+@component(settings=PolicyLossConfig, needs=("old_logprobs",), reads=("log_ratio_clamp", "kl_cov_ratio", "kl_cov_coef"))
 def kl_cov(ctx: AlgoContext):
     """KL-Cov (Cui et al. 2505.22617): unclipped policy gradient -A r, plus beta * |log r| on the
     k-fraction of tokens with the largest Cov (ties: earliest token)."""
@@ -208,7 +217,8 @@ def kl_cov(ctx: AlgoContext):
     return loss, metrics
 
 
-@component(settings=PolicyLossConfig, needs=("old_logprobs", "proxy_logprobs"))
+@component(settings=PolicyLossConfig, needs=("old_logprobs", "proxy_logprobs"),
+           reads=_CLIP + ("lp_reg_ratio", "lp_reg_coef", "lp_reg_kl_type", "lp_reg_kappa"))
 def lp_reg(ctx: AlgoContext):
     """Lp-Reg (Huang et al. 2510.03222): PPO-clip loss; among negative-advantage tokens, the lp_reg_ratio
     fraction with the lowest current prob whose log pi < log pi_proxy (the min-p proxy built from the old
@@ -234,11 +244,49 @@ def lp_reg(ctx: AlgoContext):
     return loss, metrics
 
 
+@dataclass
+class GSPOConfig:
+    """GSPO's settings: the sequence ratio is clipped to [1 - low, 1 + high] (the paper's 3e-4 / 4e-4); the
+    field names are the flat --clip-ratio-low / --clip-ratio-high flags'."""
+
+    clip_ratio_low: float = 3e-4
+    clip_ratio_high: float = 4e-4
+    dual_clip_c = None  # not a field (no annotation): GSPO has no dual clip; what _clipped_pg reads
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.clip_ratio_low < 1.0:
+            raise ValueError(f"gspo clip_ratio_low must be in [0, 1), got {self.clip_ratio_low}")
+        if not self.clip_ratio_high >= 0.0:
+            raise ValueError(f"gspo clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
+
+
+@component(settings=GSPOConfig, needs=("old_logprobs",), aggregation="seq-mean-token-mean")
+def gspo(ctx: AlgoContext):
+    """GSPO (Zheng et al. 2507.18071; verl's compute_policy_loss_gspo): one importance ratio per sequence,
+    s_i = exp(mean_t (log pi - log pi_old)) over the row's ctx.mask tokens, clipped as in PPO without dual clip:
+    max(-A s, -A clip(s, 1 - low, 1 + high)). Token t carries log s_it = log pi_t - sg(log pi_t) + sg(log s_i)
+    (clamped at max 10), whose value is log s_i and whose gradient is that of log pi_t: an unclipped token's
+    d loss / d log pi_t = -A_t s_i. Defined with seq-mean-token-mean. Metrics: _clipped_pg's (clipfrac, per
+    polarity counts; a sequence is clipped as a whole); ppo_kl and ratio_mean over the sequence log-ratio
+    broadcast to its tokens (ppo_kl is then the token-mean of -(log pi - log pi_old), as for ppo_clip;
+    ratio_mean the token-weighted mean of s_i, the ratio that is clipped)."""
+    cfg = coerce_config(ctx.config, GSPOConfig, "gspo config")
+    logp, old, adv, mask = _inputs(ctx, "gspo")
+    metrics: dict[str, torch.Tensor] = {}
+    token_log_ratio = torch.where(mask, logp.detach() - old, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    seq_log_ratio = token_log_ratio.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    log_ratio = (logp - logp.detach() + seq_log_ratio).clamp(max=10.0)
+    loss, _ = _clipped_pg(adv, torch.exp(log_ratio), cfg, mask, metrics)
+    _common_metrics(log_ratio.detach(), mask, metrics)
+    return loss, metrics
+
+
 POLICY_LOSSES: dict[str, Callable[[AlgoContext], Any]] = {
     "ppo_clip": ppo_clip,
     "clip_cov": clip_cov,
     "kl_cov": kl_cov,
     "lp_reg": lp_reg,
+    "gspo": gspo,
 }
 
 

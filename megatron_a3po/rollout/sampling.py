@@ -104,4 +104,8 @@ def select_groups(parts: list[tuple[RolloutBatch, int]], pad_id: int) -> Rollout
         responses.append([batch.responses[r] for r in rows])
         logprobs.append([batch.rollout_logprobs[r, start: start + len(batch.responses[r])].tolist() for r in rows])
         truncated.append([bool(batch.truncated[r]) for r in rows])
-    return pack_rollouts(prompts, responses, logprobs, truncated, pad_id)
+    selected = pack_rollouts(prompts, responses, logprobs, truncated, pad_id)
+    if all(batch.rewards is not None for batch, _ in parts):  # the verifier's rewards travel with their rows
+        selected.rewards = torch.cat([batch.rewards[g * batch.group_size:(g + 1) * batch.group_size]
+                                      for batch, g in parts])
+    return selected
