@@ -1,7 +1,11 @@
 """`a3po compare`: the paper's polarity study as one command.
 
-    a3po compare --algorithms psr,nsr,dapo,a3po --seeds 1,2,3 --train-steps 30 --output runs/compare \
+    a3po compare [--study polarity|token-grid|pn-ratio] [--algorithms psr,nsr,dapo,a3po] [--baseline dapo] \
+        --seeds 1,2,3 --train-steps 30 --output runs/compare \
         [--load CKPT | --hf-path DIR] [--config FILE ...] [--nproc-per-node N] [training flags ...]
+
+`--study` picks the algorithms, the baseline of the paired differences and the claims checked (compare_studies);
+`--algorithms` runs another selection (presets, the study's overlays, or overlay YAML files).
 
 Every (algorithm, seed) is a real training job (`torchrun -m megatron_a3po.train`) from the same warm start, with
 the same flags except the algorithm (a preset name, or a config overlay YAML) and `--seed`; the seed fixes the
@@ -27,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from megatron_a3po.compare_studies import DEFAULT_STUDY, STUDIES
 from megatron_a3po.errors import ConfigError, UserError, report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +65,13 @@ def study_flags(level: int) -> list[str]:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="a3po compare", allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 epilog="Other flags go to every training job (megatron_a3po.train) unchanged.")
-    p.add_argument("--algorithms", default="psr,nsr,dapo,a3po",
-                   help="comma-separated presets (rl_config.PRESETS) or config overlay YAML files")
+    p.add_argument("--study", default=DEFAULT_STUDY, choices=sorted(STUDIES),
+                   help=f"which study: its algorithms, baseline and claims (default {DEFAULT_STUDY})")
+    p.add_argument("--algorithms", default=None,
+                   help="comma-separated presets (rl_config.PRESETS), the study's overlay names or config overlay "
+                        "YAML files (default: the study's)")
+    p.add_argument("--baseline", default=None,
+                   help="the algorithm every other is compared with, seed by seed (default: the study's)")
     p.add_argument("--seeds", default="1,2", help="comma-separated integer seeds (default 1,2)")
     p.add_argument("--train-steps", type=int, default=20, help="RL steps per run (default 20)")
     p.add_argument("--output", default="runs/compare", help="study directory (default runs/compare)")
@@ -88,22 +98,25 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
-def parse_items(text: str) -> dict[str, list[str]]:
-    """{run name: the flags that select it}: a preset -> --algorithm NAME; a YAML -> --config PATH (named by its
-    file stem)."""
+def parse_items(text: str, overlays: dict[str, Path] | None = None) -> dict[str, list[str]]:
+    """{run name: the flags that select it}: a preset -> --algorithm NAME; one of the study's `overlays` or a YAML
+    -> --config PATH (named by its file stem)."""
     from megatron_a3po.rl_config import PRESETS
 
+    overlays = overlays or {}
     items: dict[str, list[str]] = {}
     for item in [s.strip() for s in text.split(",")]:
-        if item in PRESETS:
+        if item in overlays:
+            name, flags = item, ["--config", str(overlays[item])]
+        elif item in PRESETS:
             name, flags = item, ["--algorithm", item]
         elif item.endswith((".yaml", ".yml")):
             if not Path(item).is_file():
                 raise ConfigError(f"--algorithms: config overlay {item} does not exist")
             name, flags = Path(item).stem, ["--config", str(Path(item).resolve())]
         else:
-            raise ConfigError(f"--algorithms: unknown algorithm {item!r}; use presets ({', '.join(PRESETS)}) or "
-                             "config overlay .yaml files")
+            raise ConfigError(f"--algorithms: unknown algorithm {item!r}; use presets ({', '.join(PRESETS)}), the "
+                              f"study's overlays ({', '.join(overlays) or 'none'}) or config overlay .yaml files")
         if name in items:
             raise ConfigError(f"--algorithms: {name!r} given twice")
         items[name] = flags
@@ -123,7 +136,13 @@ def parse_seeds(text: str) -> list[int]:
 class Study:
     def __init__(self, args: argparse.Namespace, extra: list[str]):
         self.args, self.out = args, Path(args.output).resolve()
-        self.items, self.seeds = parse_items(args.algorithms), parse_seeds(args.seeds)
+        self.spec = STUDIES[args.study]
+        self.items = parse_items(args.algorithms or ",".join(self.spec.algorithms), self.write_overlays())
+        self.seeds = parse_seeds(args.seeds)
+        self.baseline = args.baseline or self.spec.baseline
+        if self.baseline not in self.items:
+            raise ConfigError(f"--baseline {self.baseline}: not among the algorithms run ({', '.join(self.items)}); "
+                              "name one of them")
         for flag, value in (("--train-steps", args.train_steps), ("--nproc-per-node", args.nproc_per_node),
                             ("--jobs", args.jobs), ("--save-interval", args.save_interval)):
             if value < 1:
@@ -148,6 +167,17 @@ class Study:
             self.common += ["--dataset", f"synthetic:arithmetic:{self.level}"]
         self.common += extra
         self.print_lock = threading.Lock()
+
+    def write_overlays(self) -> dict[str, Path]:
+        """The study's config overlays as OUTPUT/overlays/<name>.yaml (rewritten each time: they are the study's)."""
+        folder = self.out / "overlays"
+        paths = {}
+        for name, text in self.spec.overlays.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            paths[name] = folder / f"{name}.yaml"
+            if not paths[name].is_file() or paths[name].read_text() != text:
+                paths[name].write_text(text)
+        return paths
 
     def say(self, text: str) -> None:
         with self.print_lock:
@@ -285,10 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    settings = {"algorithms": list(study.items), "seeds": study.seeds, "train_steps": args.train_steps,
+    settings = {"study": args.study, "baseline": study.baseline, "algorithms": list(study.items),
+                "seeds": study.seeds, "train_steps": args.train_steps,
                 "nproc_per_node": args.nproc_per_node, "level": study.level, "flags": study.common,
                 "warm_start": _shown(args.load or args.hf_path or study.out / "warm_start" / "sft_megatron")}
-    paths = compare_report.write_report(study.out, list(study.items), study.seeds, settings)
+    paths = compare_report.write_report(study.out, list(study.items), study.seeds, settings, study.spec.claims)
     print((study.out / "compare.md").read_text())
     print(f"compare took {time.time() - start:.0f}s; wrote {', '.join(_shown(p) for p in paths)}")
     if failed:

@@ -1,25 +1,27 @@
-"""The report of `a3po compare`: OUTPUT/compare.png, compare.md and compare.json from the finished runs'
-metrics.jsonl (OUTPUT/runs/<name>_s<seed>/).
+"""The report of `a3po compare`: OUTPUT/compare.png, compare_token_probs.png, compare.md and compare.json from the
+finished runs' metrics.jsonl (OUTPUT/runs/<name>_s<seed>/).
 
-Per algorithm, over seeds: early entropy (mean of the first 20% of RL steps) and late entropy (last 20%), their
-ratio, final validation avg@k / pass@k (the evaluation after the last step), response length early / late; then
-the paper's qualitative claims, each marked holds / does not hold here (or not evaluated, when its algorithms
-were not run), from the means over seeds, noting when the deciding difference is within the seeds' spread (the
-two standard deviations together). "Same data": the runs of one seed drew the same prompts at every step (the
-trainer logs `data/prompt_digest`, a digest of the dataset indices each step drew).
+Per algorithm, over seeds (compare_claims: windows from step 2): entropy early / late / mean over the run and
+late/early, validation avg@k at the start and after the last step, pass@k, response length early / late, the
+task's label shares late (level 6: worked answers); then the paired per-seed differences of each algorithm
+against the study's baseline with their sign counts, and the study's claims, each marked holds / does not hold
+(or not evaluated, when its algorithms were not run) with how many seeds agree. "Same data": the runs of one seed
+drew the same prompts at every step (the trainer logs `data/prompt_digest`). The token-probability figure: the
+old-policy probability of the tokens of positive and negative responses, and of the tokens A3PO selects, in the
+step-1 rollout every run of a seed shares (token_stats).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 
+from megatron_a3po import compare_claims as CC
 from megatron_a3po.metrics import read_jsonl
+from megatron_a3po.token_stats import HISTOGRAM_BINS, HISTOGRAM_STEP, HISTOGRAM_SERIES, histogram_key
 
-WINDOW = 0.2  # early / late: the first / last 20% of the RL steps
-# (title, metric keys): one panel each in compare.png; a run without a key leaves it out
+# (title, metric key): one panel each in compare.png; a run without a key leaves it out; task shares are added
 PANELS = [
     ("train reward (accuracy)", "reward/accuracy"), ("validation avg@k", "val/avg@k"),
     ("validation pass@k", "val/pass@k"), ("validation response length", "val/length_mean"),
@@ -30,6 +32,9 @@ PANELS = [
 ]
 # the first rollout's statistics: identical across one seed's runs when they see the same prompts
 SAME_DATA_KEYS = ("reward/mean", "response/length_mean", "response/length_max")
+# the paired-difference columns of compare.md: (title, quantity)
+PAIRED = [("entropy early", "entropy_early"), ("entropy late", "entropy_late"), ("entropy mean", "entropy_mean"),
+          ("val avg@k final", "val_avg_final"), ("length change", "length_change")]
 
 
 def load_runs(out: Path, names: list[str], seeds: list[int]) -> dict[str, dict[int, dict[int, dict]]]:
@@ -47,94 +52,23 @@ def load_runs(out: Path, names: list[str], seeds: list[int]) -> dict[str, dict[i
     return runs
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def per_seed_values(runs: dict) -> dict[str, dict[int, dict]]:
+    return {name: {seed: CC.per_run(by_step) for seed, by_step in by_seed.items()} for name, by_seed in runs.items()}
 
 
-def window_mean(by_step: dict[int, dict], key: str, late: bool) -> float | None:
-    steps = sorted(s for s, row in by_step.items() if s > 0 and _finite(row.get(key)))
-    if not steps:
-        return None
-    n = max(1, round(WINDOW * len(steps)))
-    chosen = steps[-n:] if late else steps[:n]
-    return statistics.fmean(by_step[s][key] for s in chosen)
-
-
-def final_value(by_step: dict[int, dict], key: str) -> float | None:
-    steps = [s for s, row in by_step.items() if _finite(row.get(key))]
-    return by_step[max(steps)][key] if steps else None
-
-
-def spread(values: list[float | None]) -> dict | None:
-    """mean, sample std (0 for one seed), min, max, per-seed values; None when no seed has the value."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "min": min(vals), "max": max(vals), "values": vals}
-
-
-def summarize(runs: dict) -> dict[str, dict]:
+def summarize(per_seed: dict[str, dict[int, dict]]) -> dict[str, dict]:
     table = {}
-    for name, by_seed in runs.items():
-        per_seed = {}
-        for seed, by_step in by_seed.items():
-            early, late = window_mean(by_step, "entropy", False), window_mean(by_step, "entropy", True)
-            len_early = window_mean(by_step, "response/length_mean", False)
-            len_late = window_mean(by_step, "response/length_mean", True)
-            per_seed[seed] = {
-                "entropy_early": early, "entropy_late": late,
-                "entropy_ratio": late / early if early and late is not None else None,
-                "val_avg_start": by_step.get(0, {}).get("val/avg@k"),
-                "val_avg_final": final_value(by_step, "val/avg@k"),
-                "val_pass_final": final_value(by_step, "val/pass@k"),
-                "length_early": len_early, "length_late": len_late,
-                "length_change": len_late - len_early if None not in (len_early, len_late) else None,
-            }
-        keys = next(iter(per_seed.values())).keys()
-        table[name] = {"seeds": sorted(per_seed), **{k: spread([v[k] for v in per_seed.values()]) for k in keys}}
+    for name, values in per_seed.items():
+        keys = sorted({k for v in values.values() for k in v}, key=lambda k: (k not in CC.QUANTITIES, k))
+        table[name] = {"seeds": sorted(values), **{k: CC.spread([v.get(k) for v in values.values()]) for k in keys}}
     return table
 
 
-def _mean(table: dict, name: str, key: str) -> float | None:
-    entry = table.get(name, {}).get(key)
-    return entry["mean"] if entry else None
-
-
-def _within_spread(table: dict, a: str, b: str, key: str) -> str:
-    """A note when two algorithms' means differ by less than their seeds' standard deviations together."""
-    ea, eb = table[a][key], table[b][key]
-    if len(ea["values"]) < 2 or len(eb["values"]) < 2:
-        return "; one seed: no spread to judge by"
-    close = abs(ea["mean"] - eb["mean"]) <= ea["std"] + eb["std"]
-    return f"; {a} vs {b} is within the seeds' spread (std {ea['std']:.3f} + {eb['std']:.3f})" if close else ""
-
-
-def check_claims(table: dict) -> list[dict]:
-    """The paper's qualitative claims against this study's means over seeds."""
-    def extreme(target: str, key: str, lowest: bool) -> tuple[str, str]:
-        others = {n: _mean(table, n, key) for n in table if n != target}
-        others = {n: v for n, v in others.items() if v is not None}
-        mine = _mean(table, target, key)
-        if mine is None or not others:
-            return "not evaluated", f"needs {target} and at least one other algorithm"
-        rival = (min if lowest else max)(others, key=others.get)
-        holds = mine <= others[rival] if lowest else mine >= others[rival]
-        listing = ", ".join(f"{n} {v:.3f}" for n, v in sorted({target: mine, **others}.items(), key=lambda kv: kv[1]))
-        return ("holds" if holds else "does not hold"), f"{key}: {listing}" + _within_spread(table, target, rival, key)
-
-    def pair(a: str, b: str, key: str) -> tuple[str, str]:
-        va, vb = _mean(table, a, key), _mean(table, b, key)
-        if va is None or vb is None:
-            return "not evaluated", f"needs {a} and {b}"
-        return ("holds" if va >= vb else "does not hold"), (f"{key}: {a} {va:.3f} vs {b} {vb:.3f}"
-                                                            + _within_spread(table, a, b, key))
-
-    claims = [("PSR's entropy falls fastest (lowest late/early entropy ratio)", extreme("psr", "entropy_ratio", True)),
-              ("NSR keeps the highest late entropy", extreme("nsr", "entropy_late", False)),
-              ("A3PO's early entropy >= DAPO's", pair("a3po", "dapo", "entropy_early")),
-              ("A3PO's final validation avg@k >= DAPO's", pair("a3po", "dapo", "val_avg_final"))]
-    return [{"claim": c, "verdict": v, "detail": d} for c, (v, d) in claims]
+def paired_table(per_seed: dict, baseline: str) -> dict[str, dict]:
+    """{algorithm: {quantity: paired differences vs the baseline}} for every algorithm but the baseline."""
+    keys = [q for _, q in PAIRED] + sorted({k for v in per_seed.get(baseline, {}).values() for k in v
+                                            if k.endswith("_share_late")})
+    return {name: {k: CC.paired(per_seed, name, baseline, k) for k in keys} for name in per_seed if name != baseline}
 
 
 def _data_signature(rows: dict) -> tuple:
@@ -161,21 +95,36 @@ def _fmt(entry: dict | None, digits: int = 3, signed: bool = False) -> str:
     return text + (f" ± {entry['std']:.{digits}f}" if len(entry["values"]) > 1 else "")
 
 
-def markdown(table: dict, claims: list[dict], data: dict, settings: dict, missing: list[str]) -> str:
-    lines = [f"# a3po compare: {', '.join(settings['algorithms'])} x seeds {settings['seeds']}, "
+def _fmt_paired(entry: dict | None) -> str:
+    return "n/a" if entry is None else f"{entry['mean']:+.3f} ({entry['positive']}/{entry['seeds']} > 0)"
+
+
+def markdown(table: dict, paired: dict, claims: list[dict], data: dict, settings: dict, missing: list[str]) -> str:
+    shares = sorted({k for row in table.values() for k in row if k.endswith("_share_late")})
+    lines = [f"# a3po compare ({settings['study']}): {', '.join(settings['algorithms'])} x seeds {settings['seeds']}, "
              f"{settings['train_steps']} RL steps", "",
              f"Warm start `{settings['warm_start']}`. Mean ± sample std over seeds; early / late = mean of the "
-             f"first / last {WINDOW:.0%} of RL steps; validation = after the last step.", "",
-             "| algorithm | seeds | entropy early | entropy late | late/early | val avg@k start | val avg@k final | "
-             "val pass@k final | length early | length late | length change |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"first / last {CC.WINDOW:.0%} of RL steps from step {CC.FIRST_STEP} (step 1 is the same for every "
+             "algorithm of a seed), mean = steps from 2; validation = after the last step.", "",
+             "| algorithm | seeds | entropy early | entropy late | entropy mean | late/early | val avg@k start | "
+             "val avg@k final | val pass@k final | length early | length late | length change | "
+             + "".join(f"{k[:-len('_share_late')]} share late | " for k in shares),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(shares)]
     for name, row in table.items():
         lines.append(f"| {name} | {len(row['seeds'])} | {_fmt(row['entropy_early'])} | {_fmt(row['entropy_late'])} | "
-                     f"{_fmt(row['entropy_ratio'])} | {_fmt(row['val_avg_start'])} | {_fmt(row['val_avg_final'])} | "
-                     f"{_fmt(row['val_pass_final'])} | {_fmt(row['length_early'], 1)} | "
-                     f"{_fmt(row['length_late'], 1)} | {_fmt(row['length_change'], 1, signed=True)} |")
-    lines += ["", "| paper's claim | here | numbers (means over seeds) |", "|---|---|---|"]
-    lines += [f"| {c['claim']} | **{c['verdict']}** | {c['detail']} |" for c in claims]
+                     f"{_fmt(row['entropy_mean'])} | {_fmt(row['entropy_ratio'])} | {_fmt(row['val_avg_start'])} | "
+                     f"{_fmt(row['val_avg_final'])} | {_fmt(row['val_pass_final'])} | {_fmt(row['length_early'], 1)} | "
+                     f"{_fmt(row['length_late'], 1)} | {_fmt(row['length_change'], 1, signed=True)} | "
+                     + "".join(f"{_fmt(row.get(k))} | " for k in shares))
+    keys = [q for _, q in PAIRED] + shares
+    lines += ["", f"Paired per-seed differences against **{settings['baseline']}** (mean of algorithm − baseline "
+              "over the seeds both ran; in brackets how many seeds have a positive difference):", "",
+              "| algorithm | " + " | ".join([t for t, _ in PAIRED] + [k[:-len("_late")] + " late" for k in shares])
+              + " |", "|---|" + "---|" * len(keys)]
+    lines += [f"| {name} | " + " | ".join(_fmt_paired(diffs.get(k)) for k in keys) + " |"
+              for name, diffs in paired.items()]
+    lines += ["", "| paper's claim | here | seeds agreeing | paired differences |", "|---|---|---|---|"]
+    lines += [f"| {c['claim']} | **{c['verdict']}** | {c['agree']} | {c['detail']} |" for c in claims]
     checked = {s: v for s, v in data.items() if v is not None}
     if checked:
         verdicts = ", ".join(f"seed {s}: {'yes' if v else 'NO'}" for s, v in checked.items())
@@ -185,21 +134,30 @@ def markdown(table: dict, claims: list[dict], data: dict, settings: dict, missin
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict, names: list[str], path: Path, title: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 4, figsize=(17, 10.5))
+    return plt
+
+
+def plot(runs: dict, names: list[str], path: Path, title: str) -> None:
+    plt = _pyplot()
+    shares = sorted({k for by_seed in runs.values() for r in by_seed.values() for k in CC.task_share_keys(r)})
+    panels = PANELS + [(f"task: {k[len('task/'):-len('_share')]} answers (share)", k) for k in shares]
+    n_rows = -(-len(panels) // 4)
+    fig, axes = plt.subplots(n_rows, 4, figsize=(17, 3.5 * n_rows))
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    for ax, (panel, key) in zip(axes.flat, PANELS):
+    filled = {name: {seed: CC.with_task_zeros(r) for seed, r in runs.get(name, {}).items()} for name in names}
+    for ax, (panel, key) in zip(axes.flat, panels):
         for name in names:
-            by_seed = runs.get(name, {})
-            steps = sorted({s for r in by_seed.values() for s, row in r.items() if _finite(row.get(key))})
+            by_seed = filled[name]
+            steps = sorted({s for r in by_seed.values() for s, row in r.items() if CC.finite(row.get(key))})
             if not steps:
                 continue
-            points = [[r[s][key] for r in by_seed.values() if _finite(r.get(s, {}).get(key))] for s in steps]
+            points = [[r[s][key] for r in by_seed.values() if CC.finite(r.get(s, {}).get(key))] for s in steps]
             mean = [statistics.fmean(p) for p in points]
             ax.plot(steps, mean, color=colours[name], label=f"{name} (n={len(by_seed)})", marker="o" if
                     len(steps) < 12 else None, markersize=3)
@@ -210,6 +168,8 @@ def plot(runs: dict, names: list[str], path: Path, title: str) -> None:
         ax.set_xlabel("RL step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(title, y=0.995, fontsize=11)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=len(labels) or 1, fontsize=9,
@@ -219,18 +179,60 @@ def plot(runs: dict, names: list[str], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, names: list[str], seeds: list[int], settings: dict) -> list[Path]:
+def token_histograms(runs: dict, baseline: str, seeds: list[int]) -> dict[str, list[float]]:
+    """Per series, the step-1 token counts per probability bin summed over seeds: one run per seed (the baseline's
+    when it finished, else any), since every run of a seed shares that rollout."""
+    totals = {series: [0.0] * HISTOGRAM_BINS for series in HISTOGRAM_SERIES}
+    for seed in seeds:
+        run = runs.get(baseline, {}).get(seed) or next((r[seed] for r in runs.values() if seed in r), None)
+        row = (run or {}).get(HISTOGRAM_STEP, {})
+        for series in HISTOGRAM_SERIES:
+            for i in range(HISTOGRAM_BINS):
+                totals[series][i] += row.get(histogram_key(series, i), 0.0)
+    return totals
+
+
+def plot_token_probs(hist: dict[str, list[float]], path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    edges = [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS)]
+    for ax, side, name in zip(axes, ("pos", "neg"), ("positive", "negative")):
+        for series, label, colour in ((side, f"all tokens of {name} responses", "tab:blue"),
+                                      (f"a3po_{side}", "the tokens A3PO selects (20% per response)", "tab:red")):
+            counts = hist[series]
+            total = sum(counts) or 1.0
+            ax.bar(edges, [c / total for c in counts], width=1 / HISTOGRAM_BINS, align="edge", alpha=0.5,
+                   color=colour, label=f"{label} (n={int(sum(counts))})")
+        ax.set_yscale("log")
+        ax.set_xlabel("old-policy probability of the sampled token", fontsize=9)
+        ax.set_ylabel("share of tokens", fontsize=9)
+        ax.set_title(f"{name} responses (A {'>' if side == 'pos' else '<'} 0)", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, names: list[str], seeds: list[int], settings: dict,
+                 claims: tuple[CC.Claim, ...]) -> list[Path]:
+    """settings: the study's (algorithms, seeds, train_steps, study, baseline, warm_start, ...)."""
     out = Path(out)
     runs = load_runs(out, names, seeds)
-    table = summarize(runs)
-    claims = check_claims(table)
+    per_seed = per_seed_values(runs)
+    table, paired = summarize(per_seed), paired_table(per_seed, settings["baseline"])
+    verdicts = [CC.check(claim, per_seed) for claim in claims]
     data = same_data(runs, seeds)
+    hist = token_histograms(runs, settings["baseline"], seeds)
     missing = [f"{n}_s{s}" for s in seeds for n in names if s not in runs.get(n, {})]
-    paths = [out / "compare.png", out / "compare.md", out / "compare.json"]
-    plot(runs, names, paths[0], f"a3po compare: mean over seeds {seeds} (band: min-max), "
+    paths = [out / "compare.png", out / "compare_token_probs.png", out / "compare.md", out / "compare.json"]
+    plot(runs, names, paths[0], f"a3po compare ({settings['study']}): mean over seeds {seeds} (band: min-max), "
                                 f"{settings['train_steps']} RL steps, one colour per algorithm")
-    paths[1].write_text(markdown(table, claims, data, settings, missing))
-    report = {"settings": settings, "algorithms": table, "claims": claims,
-              "same_data": {str(s): v for s, v in data.items()}, "missing_runs": missing}
-    paths[2].write_text(json.dumps(report, indent=2) + "\n")
+    plot_token_probs(hist, paths[1], f"step-{HISTOGRAM_STEP} rollout (shared by every run of a seed), seeds {seeds}")
+    paths[2].write_text(markdown(table, paired, verdicts, data, settings, missing))
+    report = {"settings": settings, "algorithms": table, "paired": paired, "claims": verdicts,
+              "token_probability_histograms": hist, "same_data": {str(s): v for s, v in data.items()},
+              "missing_runs": missing}
+    paths[3].write_text(json.dumps(report, indent=2) + "\n")
     return paths

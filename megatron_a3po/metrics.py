@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_a3po.algorithms import kl_penalty
+from megatron_a3po.algorithms import is_correct, kl_penalty
 from megatron_a3po.errors import RunFilesError
 
 
@@ -195,14 +195,14 @@ def step_statistics(exp, weights, loss_outputs: list[dict], num_updates: int, *,
         _add(stats, "entropy", exp.old_entropy, mask)
     if mismatch:  # vLLM's vs Megatron's log-probs of the same sampled tokens (same weights)
         log_r = (exp.old_logprobs - exp.rollout_logprobs).clamp(-20.0, 20.0)
-        k3 = kl_penalty(exp.rollout_logprobs, exp.old_logprobs, "k3")  # KL(pi_rollout || pi_old) from its samples
+        k3 = kl_penalty(exp.rollout_logprobs, exp.old_logprobs, "k3_unclamped")  # KL(pi_rollout || pi_old), its samples
         _add(stats, "mismatch/logp_abs_mean", log_r.abs(), mask)
         _add(stats, "mismatch/kl_k3", k3, mask)
         stats["mismatch/logp_abs_max"] = Max(log_r.abs()[mask].max().item() if mask.any() else 0.0)
         prob_err = (exp.rollout_logprobs.exp() - exp.old_logprobs.exp()).abs()[mask]
         stats["mismatch/prob_abs_max"] = Max(prob_err.max().item() if prob_err.numel() else 0.0)
     if exp.ref_logprobs is not None:  # KL(pi_old || pi_ref) of the sampled tokens, before this step's updates
-        _add(stats, "ref/kl_k3", kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k3"), mask)
+        _add(stats, "ref/kl_k3", kl_penalty(exp.old_logprobs, exp.ref_logprobs, "k3_unclamped"), mask)
     for name, sign in (("pos", 1), ("neg", -1)):
         rows = exp.polarity == sign
         row_tokens = mask & rows[:, None]
@@ -252,7 +252,7 @@ def batch_statistics(batch, rewards: torch.Tensor, n: int, overlong_penalty: tor
     correctness is the verifier's (reward before the penalty > 0)."""
     lengths = batch.response_lengths.float()
     penalty = overlong_penalty if overlong_penalty is not None else torch.zeros_like(rewards)
-    correct = ((rewards - penalty) > 0).float()
+    correct = is_correct(rewards - penalty).float()
     per_prompt = correct.view(-1, n).sum(1)
     out = {
         "reward/mean": rewards.mean().item(), "reward/accuracy": correct.mean().item(),
@@ -263,6 +263,20 @@ def batch_statistics(batch, rewards: torch.Tensor, n: int, overlong_penalty: tor
         out["reward/overlong_penalty"] = overlong_penalty.mean().item()
     for i in range(n + 1):  # how many prompts had i of n responses correct
         out[f"buckets/{i}_of_{n}"] = (per_prompt == i).float().mean().item()
+    return out
+
+
+def task_statistics(labels: list[str] | None, correct: torch.Tensor) -> dict:
+    """The task's per-response labels (RewardFunction.labels; None: the task has none): `task/<label>_share` of
+    the batch's responses and `task/<label>_accuracy` (the verifier's) among them. A label absent from a step
+    has share 0 there (the report reads it so)."""
+    if not labels:
+        return {}
+    out, verdicts = {}, correct.tolist()
+    for label in sorted(set(labels)):
+        rows = [ok for value, ok in zip(labels, verdicts) if value == label]
+        out[f"task/{label}_share"] = len(rows) / len(labels)
+        out[f"task/{label}_accuracy"] = sum(rows) / len(rows)
     return out
 
 

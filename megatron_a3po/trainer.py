@@ -17,7 +17,8 @@ import itertools
 import torch
 
 from megatron_a3po import metrics as M
-from megatron_a3po import packing, parallel, platform
+from megatron_a3po import packing, parallel, platform, token_stats
+from megatron_a3po.algorithms import is_correct
 from megatron_a3po.guards import injected_nan_step
 from megatron_a3po.data import DynamicSampler
 from megatron_a3po.evaluation.runner import evaluate_items
@@ -105,8 +106,10 @@ class RLTrainer:
         self.to_training(keep_weights=batch is None)
         if batch is None:  # dynamic sampling found no full mini-batch of informative groups: nothing to train on
             return {**sampling_metrics, **timer.as_metrics(), "train/skipped_updates": 0.0}
-        # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A).
-        adv = self.algorithm.advantages(rewards, batch.response_mask.bool(), self.rl.rollout_n)
+        # 3. Outcome advantages (GRPO group normalisation ...); polarity = sign(A). PSR / NSR / W-REINFORCE also
+        # read the verifier's verdict (batch.rewards: before the overlong penalty).
+        adv = self.algorithm.advantages(rewards, batch.response_mask.bool(), self.rl.rollout_n,
+                                        correct=is_correct(batch.rewards))
         # This DP rank's rows and micro-batches: fixed-size padded ones, or token-budget packs with the rows of
         # each mini-batch balanced over DP ranks (every rank computes the same plans from the same batch).
         lengths = sequence_lengths(batch)
@@ -150,13 +153,16 @@ class RLTrainer:
         # 7. Refit: stream the updated weights into vLLM through the shared HF mapping.
         with timer("refit"):
             self.engine.refit(self.policy.hf_state())
-        # 8. Metrics (polarity-split), reduced over all ranks.
+        # 8. Metrics (polarity-split; what the shaper did to which tokens), reduced over all ranks; the task's
+        # per-response labels (level 6: direct or worked answers).
         shaper = self.algorithm.shaper.label if self.algorithm.shaper else "shaper"
-        local = M.step_statistics(exp, weights, loss_outputs, len(updates), shaper=shaper, correction=correction,
-                                  mismatch=not self.rl.use_rollout_logprobs) \
+        local = {**M.step_statistics(exp, weights, loss_outputs, len(updates), shaper=shaper, correction=correction,
+                                     mismatch=not self.rl.use_rollout_logprobs),
+                 **token_stats.shaping_statistics(exp, weights, shaper, step)} \
             if on_last_stage and parallel.tp_rank() == 0 else {}
-        metrics = M.reduce_statistics(local)
+        metrics = token_stats.finish(M.reduce_statistics(local), shaper)
         metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n, self.overlong_penalties(batch)))
+        metrics.update(M.task_statistics(self.task_labels(batch), is_correct(batch.rewards)))
         metrics.update(M.update_statistics(updates))
         metrics.update(packing.plan_metrics(plans, lengths, exp.tokens.shape[1], self.batching))
         metrics.update(sampling_metrics)
@@ -196,7 +202,7 @@ class RLTrainer:
             rewards = batch.rewards if penalties is None else batch.rewards + penalties
             if keeper is None:
                 return batch, rewards, {"data/prompt_digest": _digest(drawn)}
-            generated, correct = generated + len(rewards), correct + int((rewards > 0).sum())
+            generated, correct = generated + len(rewards), correct + int(is_correct(batch.rewards).sum())
             keeper.add(rewards.view(-1, n).tolist(), [(batch, g, rewards[g * n:(g + 1) * n]) for g in range(len(items))])
             if keeper.done:
                 break
@@ -214,6 +220,12 @@ class RLTrainer:
             return None, None, metrics
         kept = kept[:usable]
         return (select_groups([(b, g) for b, g, _ in kept], pad), torch.cat([r for _, _, r in kept]), metrics)
+
+    def task_labels(self, batch) -> list[str] | None:
+        """The task's label of every response of the batch (None when its reward defines none)."""
+        if not self.reward_fn.has_labels:
+            return None
+        return self.reward_fn.labels(self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True))
 
     def overlong_penalties(self, batch) -> torch.Tensor | None:
         """DAPO's soft overlong punishment per response (added to the verifier's reward); None when off."""

@@ -109,6 +109,13 @@ def test_one_step_trains_and_refits_the_engine(parts):
     assert metrics["reward/accuracy"] == 0.5 and metrics[f"buckets/1_of_{N}"] == 1.0
     assert metrics["pos/advantage_mass"] > 0 > metrics["neg/advantage_mass"]
     assert math.isfinite(metrics["entropy"]) and math.isfinite(metrics["mismatch/logp_abs_mean"])
+    # The task's labels: every scripted answer is stated directly, half of them right.
+    assert (metrics["task/direct_share"], metrics["task/direct_accuracy"]) == (1.0, 0.5)
+    # What A3PO reweighted (the default algorithm), and the step-1 token histograms: every response token once.
+    assert 0 < metrics["a3po/pos_selected_prob_mean"] <= 1 and metrics["a3po/neg_selected_one_minus_p_sum"] >= 0
+    for side in ("pos", "neg"):
+        counts = sum(v for k, v in metrics.items() if k.startswith(f"tokprob/{side}/"))
+        assert counts == metrics[f"{side}/count"] * metrics[f"{side}/length"] > 0, side
     for phase in ("rollout", "reward", "old_logprobs", "train", "refit"):
         assert metrics[f"time/{phase}"] >= 0.0, phase
     assert engine.sleeps == 1

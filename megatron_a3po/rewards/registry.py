@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from megatron_a3po.rewards import math_reward
-from megatron_a3po.rewards.synthetic import arithmetic_reward
+from megatron_a3po.rewards.synthetic import answer_form, arithmetic_reward
 from megatron_a3po.rewards.timeout import (DEFAULT_TIMEOUT_S, RewardError, RewardFunctionError, RewardTimeout,
                                            RewardWorkerError, WorkerPool, get_default_pool, import_fix)
 
@@ -27,11 +27,30 @@ CHECK_TIMEOUT_S = 30.0  # generous: the first verification in a fresh worker als
 
 
 class RewardFunction:
-    """Callable `(solution, ground_truth) -> float` plus `batch(...) -> list[float]`."""
+    """Callable `(solution, ground_truth) -> float` plus `batch(...) -> list[float]`, and the task's optional
+    per-response labels (`labels(solutions)`: e.g. the arithmetic task's answer form, direct or worked), whose
+    shares the trainer logs as `task/<label>_share`. A custom reward declares a labeller as an attribute of its
+    function: `my_reward.response_label = lambda solution: "boxed" if "\\boxed" in solution else "plain"`."""
 
     def __init__(self, name: str, fn: Callable[[str, str], float], parallel: bool,
-                 batch_fn: Callable[..., list[float]] | None = None):
+                 batch_fn: Callable[..., list[float]] | None = None, labeller: Callable[[str], str] | None = None):
         self.name, self._fn, self._parallel, self._batch_fn = name, fn, parallel, batch_fn
+        self._labeller = labeller
+
+    @property
+    def has_labels(self) -> bool:
+        return self._labeller is not None
+
+    def labels(self, solutions: Sequence[str]) -> list[str] | None:
+        """Each response's task label, or None when the task defines none."""
+        if self._labeller is None:
+            return None
+        labels = [self._labeller(s) for s in solutions]
+        bad = [v for v in labels if not isinstance(v, str) or not v]
+        if bad:
+            raise TypeError(f"reward {self.name!r}: its response_label returned {bad[0]!r}; it must return a "
+                            "non-empty str per response")
+        return labels
 
     def __call__(self, solution: str, ground_truth: str) -> float:
         value = self._fn(solution, ground_truth)
@@ -80,12 +99,13 @@ def get_reward_fn(name_or_path: str, *, timeout: float = DEFAULT_TIMEOUT_S, pool
 
         return RewardFunction(name_or_path, score, parallel=True, batch_fn=batch)
     if name_or_path == "arithmetic":
-        return RewardFunction(name_or_path, arithmetic_reward, parallel=False)
+        return RewardFunction(name_or_path, arithmetic_reward, parallel=False, labeller=answer_form)
     if ":" not in name_or_path:
         raise ValueError(f"unknown reward {name_or_path!r}; use one of {BUILTIN} or 'package.module:function'")
     fn = _import_target(name_or_path)
+    labeller = getattr(fn, "response_label", None)  # labels run here, in the trainer: they are cheap string tests
     if not in_worker:
-        return RewardFunction(name_or_path, fn, parallel=False)
+        return RewardFunction(name_or_path, fn, parallel=False, labeller=labeller)
 
     def remote(solution: str, ground_truth: str) -> float:
         try:
@@ -93,7 +113,7 @@ def get_reward_fn(name_or_path: str, *, timeout: float = DEFAULT_TIMEOUT_S, pool
         except RewardTimeout:
             return timeout_reward
 
-    return RewardFunction(name_or_path, remote, parallel=True)
+    return RewardFunction(name_or_path, remote, parallel=True, labeller=labeller)
 
 
 def load_reward_fn(name: str) -> RewardFunction:
