@@ -10,6 +10,7 @@ import pytest
 from megatron_a3po import config as C
 from megatron_a3po.models.known_archs import PAPER_MODELS
 from megatron_a3po.job import resolve_job
+from megatron_a3po.rl_config import resolve_algorithm
 from helpers import BASE, REPO
 
 
@@ -97,7 +98,19 @@ def test_paper_setups_validate_for_16_gpus(path, baseline, tmp_path):
     assert cfg.training.lr == 1e-6 and cfg.rl.train_steps == 300
     assert cfg.training.global_batch_size == 32 * 8 and cfg.training.train_iters == 300 * 16
     if baseline is None:
-        assert cfg.rl.resolved()[1:] == ("a3po", "ppo_clip", 0.2, 0.28, "token-mean")
+        algorithm = resolve_algorithm(cfg.rl)
+        assert (algorithm.shaper.name, algorithm.loss.name, algorithm.aggregation) == ("a3po", "ppo_clip", "token-mean")
+        assert (algorithm.loss.settings.clip_ratio_low, algorithm.loss.settings.clip_ratio_high) == (0.2, 0.28)
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("reference", sorted(REPO.glob("configs/baselines/reference/*.yaml")), ids=lambda p: p.stem)
+def test_reference_presets_are_valid_16_gpu_jobs_on_every_setup(path, reference, tmp_path):
+    """The released-script overlays (32 or 512 prompts, KL to the start policy) validate on each paper setup."""
+    cfg, _ = C.parse_args(["--config", str(path), "--config", str(reference), *_paper_overrides(path, tmp_path)])
+    if cfg.model.fp8_format is None:
+        cfg = resolve_job(cfg, 16).cfg
+    assert resolve_algorithm(cfg.rl).regularisers.kl_coef == 0.001 and cfg.rl.algorithm == reference.stem
 
 
 def test_dry_run_prints_layout_and_exits_zero():
