@@ -14,7 +14,8 @@ data order and the rollout seeds, so the runs of one seed see the same prompts w
 -> SFT -> a3po-convert) under OUTPUT/warm_start and reused. Runs go to OUTPUT/runs/<name>_s<seed>/ (train.log,
 metrics.jsonl, final.txt, ckpt/), one after another (`--jobs J`: J at a time). Resumable: a run with final.txt is
 skipped; a run that died part-way resumes from its last checkpoint (ckpt/, every `--save-interval` steps), or
-starts over when it has none. Then compare_report writes OUTPUT/compare.png, compare.md and compare.json.
+starts over when it has none. Then compare_report writes OUTPUT/compare.png, compare_token_probs.png, compare.md
+and compare.json.
 Flags not listed here go to every training job unchanged. Bad input: exit code 2 and a one-line message.
 """
 

@@ -75,3 +75,19 @@ def test_every_study_names_its_baseline_and_claims_only_its_algorithms():
             assert claim.subject in spec.algorithms and claim.other in (None, *spec.algorithms), (name, claim)
             assert claim.key in CC.QUANTITIES or claim.key == "entropy_ratio", (name, claim)
         assert set(spec.overlays) <= set(spec.algorithms), name
+
+
+def test_bad_study_choices_are_refused_in_one_line(tmp_path, capsys):
+    from megatron_a3po import compare
+
+    assert compare.main(["--study", "token-grid", "--baseline", "psr", "--output", str(tmp_path / "s")]) == 2
+    assert "--baseline psr: not among the algorithms run (dapo, pos_low, pos_high, neg_low, neg_high)" in \
+        capsys.readouterr().err
+    assert compare.main(["--study", "pn-ratio", "--algorithms", "P1N1,P3N1", "--output", str(tmp_path / "p")]) == 2
+    assert "unknown algorithm 'P3N1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: an unknown study
+        compare.main(["--study", "everything"])
+    # a study's overlays are real config files a user can rerun with --config
+    study = compare.Study(*compare.parse_args(["--study", "pn-ratio", "--output", str(tmp_path / "q")]))
+    assert study.items["P2N1"] == ["--config", str(tmp_path / "q" / "overlays" / "P2N1.yaml")]
+    assert "pos_weight: 2.0, neg_weight: 1.0" in (tmp_path / "q" / "overlays" / "P2N1.yaml").read_text()
