@@ -24,10 +24,10 @@ test-fast: $(VENV_STAMP)
 demo: $(VENV_STAMP)
 	bash launch/demo.sh
 
-# The polarity study (`a3po compare` with its defaults: psr,nsr,dapo,a3po x seeds 1,2 x 20 steps on synthetic level 6,
-# from the embedded warm start; ~24 minutes on 2 cores) into runs/compare: compare.png, compare.md, compare.json.
-# Resumable: finished runs are skipped on a rerun.
-# COMPARE_ARGS adds flags (e.g. COMPARE_ARGS="--seeds 1,2,3 --train-steps 30").
+# The polarity study (`a3po compare` with its defaults: --study polarity, psr,nsr,dapo,a3po x seeds 1,2 x 20 steps on
+# synthetic level 6, from the embedded warm start; 10-24 minutes on 2 cores) into runs/compare: compare.png,
+# compare_token_probs.png, compare.md, compare.json. Resumable: finished runs are skipped on a rerun.
+# COMPARE_ARGS adds flags (e.g. COMPARE_ARGS="--study token-grid" or "--seeds 1,2,3 --train-steps 30").
 COMPARE_ARGS ?=
 compare: $(VENV_STAMP)
 	.venv/bin/a3po compare --output runs/compare $(COMPARE_ARGS)
