@@ -13,8 +13,8 @@ from __future__ import annotations
 
 # Measured wall time on 2 CPU cores, longest first.
 MULTI_PROCESS_MODULES = [
-    "test_guards.py", "test_checkpoint_resume.py", "test_train_layouts.py", "test_paper_configs.py",
-    "test_eval_cli.py", "test_compare.py", "test_parallel_parity.py", "test_launch_multinode.py", "test_convert.py",
+    "test_compare.py", "test_guards.py", "test_checkpoint_resume.py", "test_train_layouts.py", "test_paper_configs.py",
+    "test_eval_cli.py", "test_parallel_parity.py", "test_launch_multinode.py", "test_convert.py",
     "test_gpu_smoke.py",
     "test_rollout_shm.py", "test_rollout_groups.py", "test_packing.py", "test_rollout_refit.py", "test_optimizer_dp.py",
     "test_cuda_emulation.py", "test_platform.py", "test_config.py", "test_algorithms_aggregation.py",
