@@ -49,7 +49,7 @@ class AdvantageOutput:
     seq_advantages: torch.Tensor  # float32 [B]: A_i
     token_advantages: torch.Tensor  # float32 [B, T]: A_i on valid tokens, 0 elsewhere
     polarity: torch.Tensor  # int8 [B]: sign(A_i)
-    loss_mask: torch.Tensor  # bool [B, T]: response tokens that enter the loss (psr/nsr drop a polarity)
+    loss_mask: torch.Tensor  # bool [B, T]: response tokens that enter the loss (psr/nsr: correct/wrong rows only)
 
 
 # What each estimator reads of AdvantageConfig (bind refuses the rest: a setting it would ignore is an error)
