@@ -118,10 +118,10 @@ def job(argv: list[str]) -> int:
 
 
 def run_job(out: Path, name: str, extra: list[str], env: dict) -> tuple[int, list[dict]]:
-    from megatron_a3po.parallel import free_port
-
+    # one rank: MASTER_PORT 0 lets its TCPStore bind a port the OS picks, at once (a port chosen here could be
+    # taken by another process during the job's imports: EADDRINUSE in a clean-clone make test)
     env = {**env, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
     argv = [*FLAGS, "--output-dir", str(out / name), *extra]
     with open(out / f"{name}.log", "w") as log:
         rc = subprocess.run([sys.executable, __file__, "--job", *argv], cwd=REPO, env=env, stdout=log,

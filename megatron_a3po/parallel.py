@@ -10,6 +10,7 @@ import datetime
 import os
 import random
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +32,24 @@ class ParallelSizes:
 
 
 def free_port() -> int:
-    """A port the OS just handed out; binding to port 0 avoids collisions between back-to-back runs."""
+    """A port the OS just handed out. Free now, not later: another process can take it before the job binds it
+    (its ranks import for ~15 s first); a job started from here should hold it with `reserved_port`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def reserved_port():
+    """A port the OS hands out, kept bound (not listening) by this process until the block ends, for the ranks
+    it starts to rendezvous on (MASTER_PORT). SO_REUSEADDR, set after the bind, lets rank 0's TCPStore (which
+    sets it too) bind and listen there, while any other bind or ephemeral connect keeps off the port. Without
+    it, a port chosen by free_port was taken by another pytest worker's process before rank 0 bound it
+    (EADDRINUSE in a clean-clone make test)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        yield sock.getsockname()[1]
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:
@@ -46,8 +61,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
+    if "MASTER_PORT" not in os.environ:  # one rank: its TCPStore binds a port the OS picks, at once
+        os.environ["MASTER_PORT"] = "0" if os.environ["WORLD_SIZE"] == "1" else str(free_port())
     if platform.cuda_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         backend = "nccl"

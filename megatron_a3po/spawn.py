@@ -86,21 +86,21 @@ def run_in_ranks(
     """Run module-level `fn(*args)` in `world_size` fresh processes; return the per-rank results."""
     ctx = mp.get_context("spawn")  # fork would copy torch/OpenMP thread state; spawn is what torchrun gives
     results = ctx.Queue()
-    port = parallel.free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, results, dict(env or {})))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        outcomes = _collect(procs, results, world_size, timeout)
-    finally:  # never leave ranks behind, whatever ended the wait (timeout, a failed rank, KeyboardInterrupt)
+    with parallel.reserved_port() as port:  # held until the ranks are gone: nothing else can take it meanwhile
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, tuple(args), r, world_size, port, results, dict(env or {})))
+            for r in range(world_size)
+        ]
         for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            p.start()
+        try:
+            outcomes = _collect(procs, results, world_size, timeout)
+        finally:  # never leave ranks behind, whatever ended the wait (timeout, a failed rank, KeyboardInterrupt)
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
     failures, user_errors = [], []
     for r in range(world_size):
         if r not in outcomes:

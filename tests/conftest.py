@@ -18,7 +18,7 @@ MULTI_PROCESS_MODULES = [
     "test_gpu_smoke.py",
     "test_rollout_shm.py", "test_rollout_groups.py", "test_packing.py", "test_rollout_refit.py", "test_optimizer_dp.py",
     "test_cuda_emulation.py", "test_platform.py", "test_config.py", "test_algorithms_aggregation.py",
-    "test_logprobs.py", "test_extra_state_portability.py", "test_memory_handoff.py",
+    "test_logprobs.py", "test_extra_state_portability.py", "test_memory_handoff.py", "test_ports.py",
 ]
 
 

@@ -70,7 +70,7 @@ def parts(tmp_path_factory):
             for name, rows, offset in (("train_data", 64, 0), ("eval_data", rl.eval_prompts, 99991))}
     with pytest.MonkeyPatch.context() as env:  # the torchrun variables of a 1-rank job, restored afterwards
         env.setenv("RANK", "0"), env.setenv("LOCAL_RANK", "0"), env.setenv("WORLD_SIZE", "1")
-        env.setenv("MASTER_ADDR", "127.0.0.1"), env.setenv("MASTER_PORT", str(parallel.free_port()))
+        env.setenv("MASTER_ADDR", "127.0.0.1"), env.setenv("MASTER_PORT", "0")  # one rank: its store binds a port at once
         env.setenv("A3PO_PROGRESS", "0"), env.delenv("A3PO_EMULATE_CUDA", raising=False)
         parallel.init_model_parallel(parallel.ParallelSizes(), seed=seed)
         try:
