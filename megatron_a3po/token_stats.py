@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_a3po.algorithms import A3POConfig, a3po_selection
-from megatron_a3po.metrics import Sum
+from megatron_a3po.metrics import Mean, Sum
 
 HISTOGRAM_BINS = 20
 HISTOGRAM_SERIES = ("pos", "neg", "a3po_pos", "a3po_neg")  # all tokens of +/- responses; A3PO's selection
@@ -38,22 +38,11 @@ def shaping_statistics(exp, weights: torch.Tensor | None, shaper: str, step: int
         for name, sign in (("pos", 1), ("neg", -1)):
             rows = shaped & (exp.polarity == sign)[:, None]
             count, total = rows.sum().item(), prob[rows].sum().item()
-            stats[f"{shaper}/{name}_selected_count"] = Sum(count)
-            stats[f"{shaper}/{name}_selected_prob_sum"] = Sum(total)
+            stats[f"{shaper}/{name}_selected_prob_mean"] = Mean(total, count)  # nan when nothing was shaped
             stats[f"{shaper}/{name}_selected_one_minus_p_sum"] = Sum(count - total)
     if step == HISTOGRAM_STEP:
         stats.update(_histograms(exp, prob, mask))
     return stats
-
-
-def finish(metrics: dict, shaper: str) -> dict:
-    """After the reduction: the selected tokens' mean probability from the summed counts (nan when none)."""
-    for name in ("pos", "neg"):
-        count = metrics.pop(f"{shaper}/{name}_selected_count", None)
-        total = metrics.pop(f"{shaper}/{name}_selected_prob_sum", None)
-        if count is not None:
-            metrics[f"{shaper}/{name}_selected_prob_mean"] = total / count if count else float("nan")
-    return metrics
 
 
 def _histograms(exp, prob: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -160,7 +160,7 @@ class RLTrainer:
                                      mismatch=not self.rl.use_rollout_logprobs),
                  **token_stats.shaping_statistics(exp, weights, shaper, step)} \
             if on_last_stage and parallel.tp_rank() == 0 else {}
-        metrics = token_stats.finish(M.reduce_statistics(local), shaper)
+        metrics = M.reduce_statistics(local)
         metrics.update(M.batch_statistics(batch, rewards, self.rl.rollout_n, self.overlong_penalties(batch)))
         metrics.update(M.task_statistics(self.task_labels(batch), is_correct(batch.rewards)))
         metrics.update(M.update_statistics(updates))

@@ -30,7 +30,7 @@ def _reduce(parts: list[dict], shaper: str) -> dict:
     for part in parts:  # what reduce_statistics does with every rank's typed statistics
         for key, stat in part.items():
             M._merge(merged, key, stat)
-    return T.finish({k: v.result() for k, v in merged.items()}, shaper)
+    return {k: v.result() for k, v in merged.items()}
 
 
 def test_selected_token_probabilities_and_push_per_polarity():
